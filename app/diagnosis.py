@@ -1,0 +1,63 @@
+"""Stage 4: the patient threshold (Rahimzadeh et al. 2021, section 3.2).
+
+A slice is COVID when its covid probability > 0.5 (the argmax of two classes). With n
+selected slices of which k are COVID, and a threshold fraction t, a series is COVID when
+k >= max(1, ceil(t * n)); t = 0 is the paper's "threshold 1" (one COVID slice suffices),
+t = 0.1 its reported setting. No selected slice, or no open lung → `indeterminate`.
+
+A patient with several series: COVID when any judged series is COVID, `normal` when at
+least one series was judged and none is COVID, `indeterminate` when none could be judged.
+The top-level k and n are those of the deciding series (the COVID series with the largest
+k / required margin, else the judged series with the most selected slices).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from app.domain import Verdict
+
+SLICE_COVID_CUTOFF = 0.5
+
+
+def required_covid_slices(n: int, threshold: float) -> int:
+    """max(1, ceil(t·n)). Rounded first so that 0.1·30 counts as 3, not 3.0000000000000004 → 4."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1]. Received: threshold={threshold}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0. Received: n={n}")
+    return max(1, math.ceil(round(threshold * n, 9)))
+
+
+def judge_series(
+    covid_probability: np.ndarray, *, threshold: float, has_lung: bool = True
+) -> Verdict:
+    """Judge one series from the covid probabilities of its selected slices ([n], float)."""
+    n = int(covid_probability.size)
+    if not has_lung:
+        return Verdict("indeterminate", 0, n, 0, threshold, reason="no open lung in the series")
+    if n == 0:
+        return Verdict("indeterminate", 0, 0, 0, threshold, reason="no slice selected")
+    k = int(np.count_nonzero(covid_probability > SLICE_COVID_CUTOFF))
+    required = required_covid_slices(n, threshold)
+    outcome = "covid" if k >= required else "normal"
+    return Verdict(outcome, k, n, required, threshold, reason=f"{k} of {n} selected slices COVID")
+
+
+def judge_patient(verdicts: Sequence[Verdict], *, threshold: float) -> tuple[Verdict, int | None]:
+    """Combine series verdicts; returns the patient verdict and the deciding series' position."""
+    covid = [i for i, v in enumerate(verdicts) if v.outcome == "covid"]
+    judged = [i for i, v in enumerate(verdicts) if v.outcome != "indeterminate"]
+    if covid:
+        best = max(covid, key=lambda i: (verdicts[i].k - verdicts[i].required, verdicts[i].n))
+    elif judged:
+        best = max(judged, key=lambda i: verdicts[i].n)
+    else:
+        return (
+            Verdict("indeterminate", 0, 0, 0, threshold, reason="no series with open lung"),
+            None,
+        )
+    return verdicts[best], best

@@ -1,0 +1,103 @@
+"""Typed objects that travel between the pipeline stages (ingest → select → infer → diagnose)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+Outcome = Literal["covid", "normal", "indeterminate"]
+
+
+@dataclass(frozen=True)
+class SliceInfo:
+    """Where one slice came from. `source` is an archive member name: responses only, never logs."""
+
+    source: str
+    frame: int | None = None  # frame (DICOM) or page (TIFF) index in a multi-frame file
+    position_mm: float | None = None  # ImagePositionPatient projected on the slice normal
+    instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Series:
+    """One ordered series.
+
+    `pixels` is uint16 [N, 512, 512]: stored values, HU + 1024, clipped at 0.
+    """
+
+    index: int  # 1-based, in the order series appear in the response
+    kind: Literal["dicom", "tiff"]
+    key: str  # SeriesInstanceUID (DICOM) or the folder holding the TIFFs
+    slices: tuple[SliceInfo, ...]
+    pixels: np.ndarray
+    order: str  # how the slices were ordered, in words (direction included)
+    resampled_from: tuple[int, int] | None = None  # original (rows, cols) when not 512×512
+    notes: tuple[str, ...] = ()  # decisions taken on this series (duplicates dropped, ...)
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 3 or self.pixels.shape[0] != len(self.slices):
+            raise ValueError(
+                f"pixels must be [N, H, W] with N = len(slices). Received: "
+                f"shape={self.pixels.shape}, slices={len(self.slices)}"
+            )
+
+
+@dataclass(frozen=True)
+class SkippedMember:
+    """An archive member that gave no slice, by index (names may hold patient data)."""
+
+    index: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything ingest got out of one upload."""
+
+    series: tuple[Series, ...]
+    skipped: tuple[SkippedMember, ...] = ()
+    members: int = 0  # archive members seen (directories excluded)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The paper's open-lung rule applied to one series."""
+
+    counts: np.ndarray  # int64 [N]: pixels < dark_value inside the ROI
+    threshold: float  # (max - min) / divisor
+    mask: np.ndarray  # bool [N]: counts > threshold
+    has_lung: bool  # max(counts) >= min_lung_pixels
+
+    @property
+    def n_selected(self) -> int:
+        return int(self.mask.sum())
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The patient threshold applied to one series (or, at the top, the deciding series)."""
+
+    outcome: Outcome
+    k: int  # selected slices scored COVID (probability > 0.5)
+    n: int  # selected slices
+    required: int  # max(1, ceil(t * n)); 0 when indeterminate
+    threshold: float  # t
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesResult:
+    series: Series
+    selection: Selection
+    covid_probability: np.ndarray  # float32 [N], NaN where the slice was not selected
+    verdict: Verdict
+
+
+@dataclass(frozen=True)
+class PatientResult:
+    verdict: Verdict
+    series: tuple[SeriesResult, ...]
+    deciding_series: int | None  # Series.index, None when indeterminate
+    timings_ms: dict[str, float] = field(default_factory=dict)

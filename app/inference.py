@@ -1,0 +1,314 @@
+"""Stage 3: the resident SavedModel and the dynamic batcher in front of it.
+
+One model is loaded once (GPU with memory growth where present, else CPU) and warmed up.
+Requests hand whole stacks to `InferenceEngine.predict`; one worker thread cuts the
+queued slices into batches of at most `max_batch_size`, so slices of concurrent requests
+share model calls, waiting at most `max_queue_delay_ms` for a partial batch to fill. The
+queue is bounded in slices: a request that does not fit is refused (503, Retry-After)
+before any of its slices is queued. The event loop only awaits a future; decode and
+inference never run on it.
+
+The service relies on the SavedModel contract alone (app/contract.py), never on models/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from app import contract, metrics
+from app.errors import QueueFullError
+from app.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def configure_devices(device: str = "auto", *, memory_growth: bool = True) -> str:
+    """Pick the TensorFlow device string; must run before TensorFlow touches a GPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if device == "cpu" or not gpus:
+        if device == "gpu":
+            raise RuntimeError("device=gpu was asked for, but TensorFlow sees no GPU")
+        return "/CPU:0"
+    if memory_growth:
+        # Allocate GPU memory as needed instead of all of it at start, so a sidecar
+        # (or a second replica on a large card) can share the GPU.
+        for gpu in gpus:
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # already initialised: keep what was set
+                logger.warning("GPU memory growth could not be set (GPU already initialised)")
+    return "/GPU:0"
+
+
+def enable_mixed_precision(device: str) -> str:
+    """Let grappler rewrite the fp32 graph to reduced precision: float16 on GPU, bf16 on CPU."""
+    import tensorflow as tf
+
+    option = "auto_mixed_precision" if "GPU" in device else "auto_mixed_precision_onednn_bfloat16"
+    tf.config.optimizer.set_experimental_options({option: True})
+    return option
+
+
+class SavedModelPredictor:
+    """The served SavedModel: float32 [B, 512, 512, 1] stored values → covid probability [B]."""
+
+    def __init__(self, model_dir: str | Path, device: str = "/CPU:0") -> None:
+        import tensorflow as tf
+
+        self._tf = tf
+        self.device = device
+        self.model_dir = Path(model_dir)
+        self.card = contract.read_card(self.model_dir)
+        with tf.device(device):
+            self._loaded = tf.saved_model.load(str(self.model_dir))
+        self._fn = self._loaded.signatures[contract.SIGNATURE_KEY]
+        _check_signature(self._fn)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or batch.shape[1:] != (contract.IMAGE_SIZE, contract.IMAGE_SIZE, 1):
+            raise ValueError(f"batch must be [B, 512, 512, 1]. Received: shape={batch.shape}")
+        with self._tf.device(self.device):
+            out = self._fn(**{contract.INPUT_NAME: self._tf.constant(batch, self._tf.float32)})
+        return out[contract.OUTPUT_COVID].numpy().astype(np.float32)
+
+
+def _check_signature(fn: object) -> None:
+    """Refuse a SavedModel that does not keep the serving contract, before reporting ready."""
+    _, kwargs = fn.structured_input_signature  # type: ignore[attr-defined]
+    spec = kwargs.get(contract.INPUT_NAME)
+    if spec is None or spec.dtype.name != contract.INPUT_DTYPE:
+        raise ValueError(
+            f"SavedModel input must be '{contract.INPUT_NAME}' float32. Received: {kwargs}"
+        )
+    if tuple(spec.shape.as_list()) != contract.INPUT_SHAPE:
+        raise ValueError(f"SavedModel input shape must be {contract.INPUT_SHAPE}. Received: {spec}")
+    outputs = fn.structured_outputs  # type: ignore[attr-defined]
+    missing = {contract.OUTPUT_COVID, contract.OUTPUT_PROBABILITIES} - set(outputs)
+    if missing:
+        raise ValueError(f"SavedModel lacks outputs {sorted(missing)}. Received: {sorted(outputs)}")
+
+
+@dataclass(eq=False)
+class _Job:
+    """One request's stack, consumed batch by batch in arrival order."""
+
+    stack: np.ndarray  # uint16 or float [N, 512, 512]
+    future: asyncio.Future[np.ndarray]
+    loop: asyncio.AbstractEventLoop
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    next_index: int = 0  # next slice to hand to the model
+    done: int = 0  # slices with a result
+    started: bool = False
+    result: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.result = np.full(len(self.stack), np.nan, dtype=np.float32)
+
+    @property
+    def cancelled(self) -> bool:
+        return self.future.done()
+
+
+class InferenceEngine:
+    """Dynamic batching over one predictor, in one worker thread."""
+
+    def __init__(
+        self,
+        predictor: SavedModelPredictor,
+        *,
+        max_batch_size: int = 4,
+        max_queue_delay_ms: float = 5.0,
+        max_queue_slices: int = 2048,
+        retry_after_s: int = 5,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1. Received: {max_batch_size}")
+        self.predictor = predictor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
+        self.max_queue_slices = max_queue_slices
+        self.retry_after_s = retry_after_s
+        self._jobs: deque[_Job] = deque()
+        self._queued = 0  # slices not yet finished, over all jobs
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="covidct-inference", daemon=True)
+
+    @property
+    def card(self) -> contract.ModelCard:
+        return self.predictor.card
+
+    @property
+    def queued_slices(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
+        """Run each batch size once (graph tracing, kernel selection); returns seconds per size."""
+        seconds = {}
+        for size in batch_sizes:
+            t0 = time.perf_counter()
+            self.predictor(
+                np.zeros((size, contract.IMAGE_SIZE, contract.IMAGE_SIZE, 1), np.float32)
+            )
+            seconds[size] = time.perf_counter() - t0
+        logger.info("warm-up done", extra={"seconds_by_batch_size": seconds})
+        return seconds
+
+    async def predict(self, stack: np.ndarray) -> np.ndarray:
+        """Covid probability [N] for a stack [N, 512, 512] of stored values."""
+        if len(stack) == 0:
+            return np.zeros(0, dtype=np.float32)
+        loop = asyncio.get_running_loop()
+        job = _Job(stack, loop.create_future(), loop)
+        with self._cond:
+            if self._stopping:
+                raise RuntimeError("inference engine is stopped")
+            if self._queued + len(stack) > self.max_queue_slices and self._queued > 0:
+                raise QueueFullError(
+                    f"{self._queued} slices are waiting; this request adds {len(stack)} "
+                    f"to a queue of at most {self.max_queue_slices}",
+                    retry_after_s=self.retry_after_s,
+                )
+            self._jobs.append(job)
+            self._queued += len(stack)
+            metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
+            self._cond.notify()
+        try:
+            return await job.future
+        finally:
+            if not job.future.done():  # cancelled by the client going away: drop its slices
+                job.future.cancel()
+
+    # --- worker thread -----------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            parts = self._next_batch()
+            if parts is None:
+                return
+            batch = np.concatenate([job.stack[a:b] for job, a, b in parts]).astype(np.float32)
+            t0 = time.perf_counter()
+            try:
+                probs = self.predictor(batch[..., None])
+            except Exception as exc:  # a model failure fails the requests in this batch only
+                logger.exception("model call failed")
+                self._finish(parts, None, exc)
+                continue
+            metrics.INFERENCE_COMPUTE_TIME.observe(time.perf_counter() - t0)
+            metrics.INFERENCE_BATCH_SIZE.observe(len(batch))
+            self._finish(parts, probs, None)
+
+    def _next_batch(self) -> list[tuple[_Job, int, int]] | None:
+        """Take up to max_batch_size slices, waiting max_queue_delay for a partial batch."""
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if self._stopping:
+                    return None
+                available = sum(len(j.stack) - j.next_index for j in self._jobs)
+                if available:
+                    break
+                self._cond.wait()
+            deadline = time.perf_counter() + self.max_queue_delay_s
+            while available < self.max_batch_size and not self._stopping:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+                self._drop_cancelled()
+                available = sum(len(j.stack) - j.next_index for j in self._jobs)
+            parts, room = [], self.max_batch_size
+            for job in self._jobs:
+                take = min(room, len(job.stack) - job.next_index)
+                if take <= 0:
+                    continue
+                if not job.started:
+                    job.started = True
+                    metrics.INFERENCE_QUEUE_TIME.observe(time.perf_counter() - job.enqueued_at)
+                parts.append((job, job.next_index, job.next_index + take))
+                job.next_index += take
+                room -= take
+                if room == 0:
+                    break
+            return parts
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._jobs if j.cancelled]:
+            self._jobs.remove(job)
+            self._queued -= len(job.stack) - job.done
+        metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
+
+    def _finish(
+        self, parts: list[tuple[_Job, int, int]], probs: np.ndarray | None, exc: Exception | None
+    ) -> None:
+        offset = 0
+        with self._cond:
+            for job, a, b in parts:
+                if job.cancelled or job not in self._jobs:
+                    offset += b - a
+                    continue
+                if exc is not None:
+                    self._jobs.remove(job)
+                    self._queued -= len(job.stack) - job.done
+                    job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
+                    continue
+                job.result[a:b] = probs[offset : offset + (b - a)]  # type: ignore[index]
+                offset += b - a
+                job.done += b - a
+                self._queued -= b - a
+                if job.done == len(job.stack):
+                    self._jobs.remove(job)
+                    job.loop.call_soon_threadsafe(_settle, job.future, job.result, None)
+            metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
+
+
+def _settle(
+    future: asyncio.Future[np.ndarray], result: np.ndarray | None, exc: Exception | None
+) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+def load_engine(settings: Settings) -> InferenceEngine:
+    """Load, check and warm the model described by the settings; blocking (run it off the loop)."""
+    device = configure_devices(settings.device, memory_growth=settings.gpu_memory_growth)
+    if settings.mixed_precision:
+        logger.info("reduced precision enabled", extra={"option": enable_mixed_precision(device)})
+    t0 = time.perf_counter()
+    predictor = SavedModelPredictor(settings.model_dir, device)
+    logger.info(
+        "model loaded", extra={"seconds": round(time.perf_counter() - t0, 2), "device": device}
+    )
+    engine = InferenceEngine(
+        predictor,
+        max_batch_size=settings.max_batch_size,
+        max_queue_delay_ms=settings.max_queue_delay_ms,
+        max_queue_slices=settings.max_queue_slices,
+        retry_after_s=settings.retry_after_s,
+    )
+    engine.warm_up(settings.warmup_sizes)
+    return engine

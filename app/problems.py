@@ -1,0 +1,112 @@
+"""The one place where exceptions become RFC 9457 problem+json responses, and the request
+middleware (request id, latency metrics)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app import metrics
+from app.errors import PROBLEM_BASE, CovidCTError, QueueFullError
+from app.logs import request_id_var
+
+logger = logging.getLogger(__name__)
+PROBLEM_JSON = "application/problem+json"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def problem(
+    status: int, type_: str, title: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    metrics.ERRORS.labels(type_).inc()
+    body = {
+        "type": PROBLEM_BASE + type_,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "request_id": request_id_var.get(),
+    }
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+async def _covidct_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CovidCTError)
+    headers = {}
+    if isinstance(exc, QueueFullError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif exc.status == 503:
+        headers["Retry-After"] = "10"
+    logger.info("request refused", extra={"problem": exc.type_, "status": exc.status})
+    return problem(exc.status, exc.type_, exc.title, exc.detail, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    # Field locations and messages only: never echo the submitted values.
+    fields = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()
+    )
+    return problem(422, "invalid-request", "Request is invalid", fields)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    type_ = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    return problem(exc.status_code, type_, str(exc.detail), str(exc.detail), exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("unhandled error", exc_info=exc)
+    return problem(500, "internal", "Internal error", "an unexpected error occurred")
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(CovidCTError, _covidct_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+
+
+class RequestContextMiddleware:
+    """Request id (X-Request-ID, taken from the caller when well-formed) and latency metrics."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+        t0 = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        metrics.HTTP_REQUESTS_IN_FLIGHT.inc()
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            metrics.HTTP_REQUESTS_IN_FLIGHT.dec()
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            metrics.HTTP_REQUEST_DURATION.labels(path, scope["method"], str(status)).observe(
+                time.perf_counter() - t0
+            )
+            request_id_var.reset(token)

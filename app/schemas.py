@@ -1,0 +1,160 @@
+"""The JSON the service answers with (also the OpenAPI document's schemas)."""
+
+from __future__ import annotations
+
+import math
+
+from pydantic import BaseModel, Field
+
+from app.contract import ModelCard
+from app.domain import Outcome, PatientResult, SeriesResult, Study
+
+PATIENT_RULE = (
+    "A slice is COVID when its covid probability > 0.5. A series with n selected slices, "
+    "k of them COVID, is COVID when k >= max(1, ceil(t*n)). The patient is COVID when any "
+    "series is COVID, normal when at least one series was judged and none is COVID, and "
+    "indeterminate when no series has open lung to judge."
+)
+UNTRAINED_WARNING = (
+    "The served model has UNTRAINED (randomly initialised) weights: its probabilities and "
+    "this diagnosis are meaningless. Do not use this result for any clinical purpose."
+)
+
+
+class SliceOut(BaseModel):
+    index: int = Field(description="0-based position in the series' geometric order")
+    source: str = Field(description="archive member the slice came from")
+    frame: int | None = Field(None, description="frame/page in a multi-frame file")
+    position_mm: float | None = Field(None, description="position along the slice normal")
+    instance_number: int | None = None
+    dark_pixels: int = Field(description="pixels < 300 (stored value) in the paper's ROI")
+    selected: bool = Field(description="kept by the open-lung rule")
+    covid_probability: float | None = Field(None, description="null when not selected")
+
+
+class SelectionOut(BaseModel):
+    threshold: float = Field(description="(max - min) / 1.5 of the dark-pixel counts")
+    selected: int
+    max_dark_pixels: int
+    has_lung: bool
+
+
+class VerdictOut(BaseModel):
+    outcome: Outcome
+    k: int
+    n: int
+    required: int
+    reason: str
+
+
+class SeriesOut(BaseModel):
+    index: int
+    kind: str
+    key: str
+    order: str
+    slices_total: int
+    resampled_from: list[int] | None
+    notes: list[str]
+    selection: SelectionOut
+    verdict: VerdictOut
+    slices: list[SliceOut]
+
+
+class SkippedOut(BaseModel):
+    member_index: int
+    reason: str
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: str
+    weights_source: str
+    weights_detail: str
+    untrained: bool
+    created_at: str
+
+
+class DiagnosisOut(BaseModel):
+    request_id: str
+    patient_id: str
+    diagnosis: Outcome
+    k: int = Field(description="COVID slices of the deciding series")
+    n: int = Field(description="selected slices of the deciding series")
+    required: int = Field(description="max(1, ceil(t*n)): COVID slices needed")
+    threshold: float = Field(description="the threshold fraction t used")
+    deciding_series: int | None
+    rule: str = PATIENT_RULE
+    reason: str
+    warnings: list[str]
+    model: ModelSummary
+    series: list[SeriesOut]
+    skipped: list[SkippedOut]
+    timings_ms: dict[str, float]
+
+
+def model_summary(card: ModelCard) -> ModelSummary:
+    return ModelSummary(
+        name=card.name,
+        version=card.version,
+        weights_source=card.weights_source,
+        weights_detail=card.weights_detail,
+        untrained=card.untrained,
+        created_at=card.created_at,
+    )
+
+
+def _series_out(r: SeriesResult) -> SeriesOut:
+    s, sel = r.series, r.selection
+    return SeriesOut(
+        index=s.index,
+        kind=s.kind,
+        key=s.key,
+        order=s.order,
+        slices_total=len(s.slices),
+        resampled_from=list(s.resampled_from) if s.resampled_from else None,
+        notes=list(s.notes),
+        selection=SelectionOut(
+            threshold=sel.threshold,
+            selected=sel.n_selected,
+            max_dark_pixels=int(sel.counts.max(initial=0)),
+            has_lung=sel.has_lung,
+        ),
+        verdict=VerdictOut(**{f: getattr(r.verdict, f) for f in VerdictOut.model_fields}),
+        slices=[
+            SliceOut(
+                index=i,
+                source=info.source,
+                frame=info.frame,
+                position_mm=info.position_mm,
+                instance_number=info.instance_number,
+                dark_pixels=int(sel.counts[i]),
+                selected=bool(sel.mask[i]),
+                covid_probability=None if math.isnan(p) else float(p),
+            )
+            for i, (info, p) in enumerate(zip(s.slices, r.covid_probability, strict=True))
+        ],
+    )
+
+
+def diagnosis_out(
+    *, request_id: str, patient_id: str, study: Study, result: PatientResult, card: ModelCard
+) -> DiagnosisOut:
+    v = result.verdict
+    warnings = [UNTRAINED_WARNING] if card.untrained else []
+    warnings += [f"series {s.index}: {note}" for s in study.series for note in s.notes]
+    return DiagnosisOut(
+        request_id=request_id,
+        patient_id=patient_id,
+        diagnosis=v.outcome,
+        k=v.k,
+        n=v.n,
+        required=v.required,
+        threshold=v.threshold,
+        deciding_series=result.deciding_series,
+        reason=v.reason,
+        warnings=warnings,
+        model=model_summary(card),
+        series=[_series_out(r) for r in result.series],
+        skipped=[SkippedOut(member_index=m.index, reason=m.reason) for m in study.skipped],
+        timings_ms=result.timings_ms,
+    )

@@ -1,0 +1,80 @@
+"""Validated settings, read from COVIDCT_* environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COVIDCT_", env_file=".env", extra="ignore")
+
+    # --- model ---------------------------------------------------------------
+    model_dir: Path = Field(Path("var/models/default"), description="SavedModel directory")
+    allow_untrained: bool = Field(
+        True,
+        description="Report ready while the served weights are untrained. Set false in "
+        "production: /health then stays 503 with an untrained model.",
+    )
+    device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu' or 'gpu'")
+    gpu_memory_growth: bool = True
+    max_batch_size: int = Field(4, ge=1, le=256, description="slices per model call")
+    max_queue_delay_ms: float = Field(
+        5.0, ge=0, le=1000, description="how long a partial batch waits for more slices"
+    )
+    max_queue_slices: int = Field(
+        2048, ge=1, description="slices waiting for the model before new requests get 503"
+    )
+    retry_after_s: int = Field(5, ge=1)
+    warmup_batch_sizes: list[int] | None = Field(
+        None, description="batch sizes run once at start; default: 1 and max_batch_size"
+    )
+    mixed_precision: bool = Field(False, description="bfloat16 compute where supported")
+
+    # --- the paper's method ----------------------------------------------------
+    dark_value: int = Field(300, description="stored value under which a pixel is air/lung")
+    roi_rows: tuple[int, int] = (240, 340)
+    roi_cols: tuple[int, int] = (120, 370)
+    threshold_divisor: float = Field(1.5, gt=0)
+    min_lung_pixels: int = Field(
+        500,
+        ge=0,
+        description="a series whose largest dark-pixel count is below this has no open "
+        "lung to judge and is 'indeterminate' (the ROI holds 25,000 pixels)",
+    )
+    patient_threshold: float = Field(0.1, ge=0, le=1, description="the paper's t")
+
+    # --- input limits ------------------------------------------------------------
+    max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    max_members: int = Field(5000, ge=1)
+    max_uncompressed_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
+    max_compression_ratio: float = Field(200.0, gt=1)
+    max_slices_per_series: int = Field(2000, ge=1)
+    max_slices_total: int = Field(4000, ge=1)
+
+    # --- access and logs -----------------------------------------------------------
+    api_keys: list[str] = Field(default_factory=list, description="empty: no key needed")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        for name in ("roi_rows", "roi_cols"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo < hi <= 512:
+                raise ValueError(f"{name} must satisfy 0 <= lo < hi <= 512. Received: {lo, hi}")
+        if self.device not in {"auto", "cpu", "gpu"}:
+            raise ValueError(f"device must be auto, cpu or gpu. Received: device={self.device}")
+        return self
+
+    @property
+    def warmup_sizes(self) -> list[int]:
+        sizes = self.warmup_batch_sizes or [1, self.max_batch_size]
+        return sorted({s for s in sizes if 1 <= s <= self.max_batch_size})
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
