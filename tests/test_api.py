@@ -4,6 +4,7 @@ the real CT series in ../shared/data."""
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ import pydicom
 import pytest
 import tifffile
 from fastapi.testclient import TestClient
+
 from shared_data import NORMAL002, P002, VARIANTS, needs_data, zip_dirs, zip_files
 
 pytestmark = needs_data
@@ -60,7 +62,7 @@ def test_p002_all_slices_in_geometric_order_head_to_feet(p002_response: dict[str
     assert len(slices) == series["slices_total"] == 133
     assert [s["source"] for s in slices] == [f"P002/IM{i:04d}.dcm" for i in range(1, 134)]
     positions = [s["position_mm"] for s in slices]
-    assert all(a > b for a, b in zip(positions, positions[1:], strict=False))
+    assert all(a > b for a, b in itertools.pairwise(positions))
     assert positions[0] == pytest.approx(-173.7, abs=0.5)
     assert positions[-1] == pytest.approx(-437.7, abs=0.5)
     assert "head" in series["order"].lower() or "superior" in series["order"].lower()

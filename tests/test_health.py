@@ -6,12 +6,12 @@ import threading
 from pathlib import Path
 
 from fastapi.testclient import TestClient
-from shared_data import P002, needs_data, zip_files
-from support import make_settings, wait_ready
 
 from app.inference import InferenceEngine, load_engine
 from app.main import create_app
 from app.settings import Settings
+from shared_data import P002, needs_data, zip_files
+from support import make_settings, wait_ready
 
 
 def test_health_is_503_until_the_model_is_loaded_and_warm(test_model_dir: Path) -> None:

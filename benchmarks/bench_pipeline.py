@@ -1,0 +1,321 @@
+"""Benchmark: the paper's own code path vs. the service's pipeline vs. the service over HTTP.
+
+One run, on the real P002 series (133 DICOM slices, JPEG Lossless):
+  (a) baseline, the paper's way: read each file, count dark pixels with a Python loop over
+      the ROI's pixels, Keras `model.predict` one slice at a time;
+  (b) the service's pipeline in process (ingest → select → batched SavedModel → diagnose);
+  (c) the service over HTTP (uvicorn on 127.0.0.1) with 1, 2, 4 and 8 concurrent clients.
+It prints slices/s, per-stage medians, ratios, the server's peak RSS, the model stage's
+GFLOP/s against an fp32 matrix-multiply peak measured in the same run, and (with
+--bf16) the reduced-precision speed-up and its largest probability deviation.
+
+Usage: .venv/bin/python benchmarks/bench_pipeline.py [--model-dir DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import io
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", ROOT.parent / "shared" / "data"))
+P002 = DATA / "covid-ct-md" / "P002"
+GFLOP_PER_SLICE = 40.79
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def p002_zip() -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for p in sorted(P002.glob("*.dcm")):
+            zf.write(p, f"P002/{p.name}")
+    return buf.getvalue()
+
+
+def matmul_peak_gflops(seconds: float = 5.0, n: int = 2048) -> float:
+    """fp32 GEMM throughput of this machine through TensorFlow (same threads as the model)."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    mm = tf.function(lambda x, y: tf.reduce_sum(tf.matmul(x, y)))
+    mm(a, b).numpy()
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(4):
+            mm(a, b).numpy()
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+# --- (a) the paper's code path ----------------------------------------------------------
+
+
+def baseline(model_dir: Path, limit: int | None) -> dict[str, float]:
+    import pydicom
+    import tensorflow as tf
+
+    files = sorted(P002.glob("*.dcm"))[:limit]
+    keras_model = tf.keras.layers.TFSMLayer(str(model_dir), call_endpoint="serving_default")
+    t_start = time.perf_counter()
+    t0 = time.perf_counter()
+    images = []
+    for p in files:
+        ds = pydicom.dcmread(p)
+        images.append(ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept) + 1024)
+    t_read = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    counts = []
+    for img in images:  # the paper's loop over the ROI's pixels
+        c = 0
+        for y in range(240, 340):
+            for x in range(120, 370):
+                if img[y, x] < 300:
+                    c += 1
+        counts.append(c)
+    threshold = (max(counts) - min(counts)) / 1.5
+    selected = [img for img, c in zip(images, counts, strict=True) if c > threshold]
+    t_select = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    wrapper = tf.keras.Sequential([tf.keras.Input((512, 512, 1)), keras_model])
+    probs = []
+    for img in selected:  # model.predict one slice at a time
+        out = wrapper.predict(img[None, ..., None].astype(np.float32), verbose=0)
+        probs.append(float(out["covid_probability"][0]))
+    t_model = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
+    return {
+        "slices": len(files),
+        "selected": len(selected),
+        "read_s": t_read,
+        "select_s": t_select,
+        "model_s": t_model,
+        "total_s": total,
+    }
+
+
+# --- (b) the service's pipeline in process ----------------------------------------------
+
+
+def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrides) -> dict:
+    from app.inference import load_engine
+    from app.pipeline import diagnose_upload
+    from app.settings import Settings
+
+    settings = Settings(_env_file=None, model_dir=model_dir, **overrides)
+    engine = load_engine(settings)
+    engine.start()
+    runs = []
+    probs = None
+
+    async def once() -> None:
+        nonlocal probs
+        t0 = time.perf_counter()
+        _, result = await diagnose_upload(archive, engine, settings, threshold=0.1)
+        total = time.perf_counter() - t0
+        n = result.series[0].selection.n_selected
+        probs = result.series[0].covid_probability
+        runs.append({**{k: v / 1000 for k, v in result.timings_ms.items()}, "total": total, "n": n})
+
+    for _ in range(repeats):
+        asyncio.run(once())
+    engine.stop()
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med["probs"] = probs
+    return med
+
+
+# --- (c) the service over HTTP ---------------------------------------------------------
+
+
+def serve(model_dir: Path, port: int, env_extra: dict[str, str]) -> subprocess.Popen:
+    env = {
+        **os.environ,
+        "COVIDCT_MODEL_DIR": str(model_dir),
+        "COVIDCT_LOG_LEVEL": "WARNING",
+        **env_extra,
+    }
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
+           "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+    import httpx
+
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("service did not become ready")
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        import psutil
+
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop_flag.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.05)
+
+
+def http_load(port: int, archive: bytes, clients: int, requests_per_client: int) -> dict:
+    import httpx
+
+    def client_loop(i: int) -> list[tuple[int, float, int]]:
+        out = []
+        with httpx.Client(timeout=1800) as c:
+            for _ in range(requests_per_client):
+                t0 = time.perf_counter()
+                r = c.post(
+                    f"http://127.0.0.1:{port}/patients/diagnose",
+                    files={"file": ("p.zip", archive, "application/zip")},
+                    data={"patient_id": f"bench-{i}"},
+                )
+                slices = sum(s["slices_total"] for s in r.json()["series"]) if r.is_success else 0
+                out.append((r.status_code, time.perf_counter() - t0, slices))
+        return out
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [
+            x for f in [pool.submit(client_loop, i) for i in range(clients)] for x in f.result()
+        ]
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r[0] == 200]
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "slices_per_s": sum(r[2] for r in ok) / wall,
+        "median_latency_s": statistics.median(r[1] for r in results),
+        "wall_s": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model-dir", type=Path, default=ROOT / "var" / "models" / "default")
+    parser.add_argument("--repeats", type=int, default=3, help="in-process pipeline runs")
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--requests-per-client", type=int, default=1)
+    parser.add_argument("--baseline-slices", type=int, default=None, help="limit (a) to N files")
+    parser.add_argument(
+        "--bf16", action="store_true", help="also measure the reduced-precision mode"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=4)
+    parser.add_argument("--port", type=int, default=8765)
+    args = parser.parse_args()
+    if not P002.is_dir():
+        sys.exit(f"P002 not found at {P002}: set COVIDCT_SHARED_DATA")
+    if not (args.model_dir / "assets" / "model_card.json").is_file():
+        from models.export import build_default
+
+        log(f"building the default model at {args.model_dir} …")
+        build_default(args.model_dir)
+
+    archive = p002_zip()
+    log(f"P002: {len(archive) / 1e6:.1f} MB zip, CPU cores: {os.cpu_count()}")
+    peak = matmul_peak_gflops()
+    log(f"fp32 matmul peak (TensorFlow, 2048²): {peak:.1f} GFLOP/s")
+
+    log("\n(a) baseline: the paper's code path …")
+    base = baseline(args.model_dir, args.baseline_slices)
+    base_sps = base["slices"] / base["total_s"]
+    log(f"  {base['slices']} slices, {base['selected']} selected: read {base['read_s']:.2f} s, "
+        f"select (Python loop) {base['select_s']:.2f} s, predict 1-by-1 {base['model_s']:.2f} s, "
+        f"total {base['total_s']:.2f} s → {base_sps:.2f} slices/s")  # fmt: skip
+    base_per_selected = base["model_s"] / max(base["selected"], 1)
+
+    log("\n(b) the service's pipeline in process …")
+    pipe = pipeline_in_process(
+        args.model_dir, archive, args.repeats, max_batch_size=args.max_batch_size
+    )
+    n = pipe["n"]
+    pipe_sps = 133 / pipe["total"]
+    model_gflops = n * GFLOP_PER_SLICE / pipe["infer"]
+    non_model = pipe["total"] - pipe["infer"]
+    log(f"  medians over {args.repeats}: decode {pipe['decode']:.2f} s, select {pipe['select']:.3f} s, "
+        f"infer {pipe['infer']:.2f} s ({n} slices), diagnose {pipe['diagnose']:.4f} s, "
+        f"total {pipe['total']:.2f} s → {pipe_sps:.2f} slices/s")  # fmt: skip
+    log(
+        f"  model stage: {model_gflops:.1f} GFLOP/s = {100 * model_gflops / peak:.0f} % of matmul peak"
+    )
+    log(
+        f"  non-model wall time: {non_model:.2f} s = {100 * non_model / pipe['total']:.1f} % of end to end"
+    )
+    if args.baseline_slices is None:
+        log(f"  end-to-end speed-up vs baseline: {base['total_s'] / pipe['total']:.2f}×")
+    log(f"  model stage per selected slice: baseline {base_per_selected:.3f} s, "
+        f"pipeline {pipe['infer'] / n:.3f} s ({base_per_selected / (pipe['infer'] / n):.2f}×)")  # fmt: skip
+
+    if args.bf16:
+        log("\n(b') reduced precision (bf16 on CPU / fp16 on GPU) …")
+        import tensorflow as tf  # noqa: F401  (the grappler option is process-wide)
+
+        low = pipeline_in_process(
+            args.model_dir, archive, args.repeats, max_batch_size=args.max_batch_size,
+            mixed_precision=True,
+        )  # fmt: skip
+        a, b = pipe["probs"], low["probs"]
+        keep = ~np.isnan(a)
+        log(f"  infer {low['infer']:.2f} s vs fp32 {pipe['infer']:.2f} s → "
+            f"{pipe['infer'] / low['infer']:.2f}× ; max |Δp| = {np.abs(a[keep] - b[keep]).max():.2e}")  # fmt: skip
+
+    log("\n(c) the service over HTTP …")
+    proc = serve(args.model_dir, args.port, {"COVIDCT_MAX_BATCH_SIZE": str(args.max_batch_size)})
+    sampler = RssSampler(proc.pid)
+    sampler.start()
+    rows = []
+    try:
+        for clients in [int(c) for c in args.clients.split(",")]:
+            sampler.peak = 0
+            row = http_load(args.port, archive, clients, args.requests_per_client)
+            row["peak_rss_gb"] = sampler.peak / 1e9
+            rows.append(row)
+            log(f"  {clients} client(s): {row['requests']} requests, {row['failed']} failed, "
+                f"{row['slices_per_s']:.2f} slices/s, median latency {row['median_latency_s']:.1f} s, "
+                f"peak RSS {row['peak_rss_gb']:.2f} GB")  # fmt: skip
+    finally:
+        sampler.stop_flag.set()
+        proc.terminate()
+        proc.wait(30)
+    best_single = rows[0]["slices_per_s"]
+    for row in rows:
+        log(
+            f"  {row['clients']} clients: {100 * row['slices_per_s'] / best_single:.0f} % of single-stream"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""COVID-CTset on disk, and the training input pipeline.
+
+Three layouts are read:
+
+- the fold layout of COVID-CTset's `Train&Validation.zip`: per-fold CSVs `CSV/train<k>.csv`,
+  `CSV/validation<k>.csv`, `CSV/test<k>.csv` of `filename,class` rows (class `covid` or
+  `normal`), with the images in one folder that the file names are relative to;
+- a plain class-folder layout: `<root>/covid/**.tif`, `<root>/normal/**.tif`;
+- raw patient folders, as `COVID-CTset.zip` ships them:
+  `<root>/<class>/<patient>/<series>/*.tif` (series SR_2, SR_3, SR_4), for evaluation.
+
+Slices are fed as they are stored: raw 16-bit values (HU + 1024), or the float TIFFs the
+authors normalised to [0, 1] per slice. The model divides every slice by its own maximum
+as its first layer, so both give the same network input.
+
+TensorFlow is imported only by the functions that build the tf.data pipeline.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import tifffile
+
+from app.contract import CLASS_NAMES, IMAGE_SIZE
+
+if TYPE_CHECKING:
+    import tensorflow as tf
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "validation", "test")
+TIFF_SUFFIXES = (".tif", ".tiff")
+# The paper's augmentation (section 2.4; its Keras 2 ImageDataGenerator arguments).
+ROTATION = 1.0  # fraction of a full turn: up to ±360°
+ZOOM = 0.05
+SHIFT = 0.05
+SHEAR = 0.05
+
+
+class DatasetError(ValueError):
+    """Training or evaluation data that cannot be read as asked."""
+
+
+@dataclass(frozen=True)
+class LabeledSlice:
+    path: Path
+    label: int  # index into CLASS_NAMES: 0 = covid, 1 = normal
+
+
+@dataclass(frozen=True)
+class PatientFolder:
+    """One patient of the raw layout: its class and its series folders (natural order)."""
+
+    label: int
+    patient: str  # "<class folder>/<patient folder>"
+    series: tuple[Path, ...]
+
+
+# --- reading slices ------------------------------------------------------------------------
+
+
+def class_index(name: str) -> int | None:
+    """'covid', 'COVID', 'covid-19' → 0; 'normal', 'Normal' → 1; anything else → None."""
+    key = name.strip().lower()
+    for index, class_name in enumerate(CLASS_NAMES):
+        if key.startswith(class_name):
+            return index
+    return None
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key that puts IM00010 after IM00009 and IM2 before IM10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def read_slice(path: str | Path) -> np.ndarray:
+    """One 512×512 slice as float32, values as stored (16-bit raw or float [0, 1])."""
+    try:
+        image = tifffile.imread(path)
+    except Exception as e:  # tifffile raises several kinds for a broken file
+        raise DatasetError(f"cannot read TIFF: {e}. Received: {path}") from e
+    image = np.squeeze(image)
+    if image.shape != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DatasetError(
+            f"a slice must be one {IMAGE_SIZE}×{IMAGE_SIZE} image. Received: "
+            f"shape={image.shape} in {path}"
+        )
+    return image.astype(np.float32)
+
+
+def read_series(folder: str | Path) -> np.ndarray:
+    """A series folder's TIFFs in natural file-name order: [N, 512, 512] stored values.
+
+    Integer TIFFs only: a float TIFF normalised to [0, 1] has lost the raw values that
+    the open-lung rule's cut-off (300) refers to.
+    """
+    files = sorted(_tiffs(Path(folder), recursive=False), key=lambda p: natural_key(p.name))
+    if not files:
+        raise DatasetError(f"no TIFF in series folder. Received: {folder}")
+    stack = np.stack([tifffile.imread(f) for f in files])
+    if stack.ndim != 3 or stack.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        raise DatasetError(f"series must be [N, 512, 512]. Received: {stack.shape} in {folder}")
+    if not np.issubdtype(stack.dtype, np.integer):
+        raise DatasetError(
+            f"series must hold raw integer stored values, not {stack.dtype} (a float TIFF "
+            f"normalised to [0, 1] cannot be judged by the open-lung rule). Received: {folder}"
+        )
+    return stack
+
+
+def _tiffs(folder: Path, *, recursive: bool) -> list[Path]:
+    pattern = "**/*" if recursive else "*"
+    return [p for p in folder.glob(pattern) if p.suffix.lower() in TIFF_SUFFIXES and p.is_file()]
+
+
+# --- the layouts ------------------------------------------------------------------------------
+
+
+def fold_csv(csv_dir: str | Path, split: str, fold: int) -> Path:
+    """`<csv_dir>/<split><fold>.csv` (any case), e.g. CSV/train1.csv."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}. Received: split={split!r}")
+    wanted = f"{split}{fold}.csv"
+    folder = Path(csv_dir)
+    matches = [p for p in folder.glob("*") if p.name.lower() == wanted] if folder.is_dir() else []
+    if not matches:
+        raise DatasetError(f"no {wanted} in the CSV folder. Received: csv_dir={folder}")
+    return matches[0]
+
+
+def read_fold_csv(csv_path: str | Path, images_dir: str | Path) -> list[LabeledSlice]:
+    """Rows `filename,class` → slices; file names are relative to `images_dir`.
+
+    A file name that is not found there is looked up by its base name anywhere under
+    `images_dir` (the archives differ in their folder nesting). Any row left unresolved,
+    or any unknown class, is an error: a fold with holes is a wrong path, not a dataset.
+    """
+    images = Path(images_dir)
+    if not images.is_dir():
+        raise DatasetError(f"images folder not found. Received: images_dir={images}")
+    samples, missing = [], []
+    by_name: dict[str, Path] | None = None
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        if not {"filename", "class"} <= set(columns):
+            raise DatasetError(
+                f"CSV needs columns filename and class. Received: {reader.fieldnames} "
+                f"in {csv_path}"
+            )
+        for line, row in enumerate(reader, start=2):
+            name, label = row[columns["filename"]].strip(), class_index(row[columns["class"]])
+            if label is None:
+                raise DatasetError(
+                    f"unknown class on line {line} of {csv_path}; expected one of "
+                    f"{CLASS_NAMES}. Received: {row[columns['class']]!r}"
+                )
+            path = images / name
+            if not path.is_file():
+                if by_name is None:
+                    by_name = {p.name: p for p in _tiffs(images, recursive=True)}
+                path = by_name.get(Path(name).name, path)
+            if not path.is_file():
+                missing.append(name)
+                continue
+            samples.append(LabeledSlice(path, label))
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(missing) + len(samples)} images of {csv_path} are not "
+            f"under {images} (first: {missing[:3]}). Received: images_dir={images}"
+        )
+    if not samples:
+        raise DatasetError(f"no rows in {csv_path}")
+    return samples
+
+
+def read_class_folders(root: str | Path) -> list[LabeledSlice]:
+    """`<root>/covid/**.tif` and `<root>/normal/**.tif` (folder names in any case)."""
+    folder = Path(root)
+    if not folder.is_dir():
+        raise DatasetError(f"folder not found. Received: {folder}")
+    samples = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        label = class_index(sub.name)
+        if label is None:
+            logger.warning("skipped folder %s: not a class name %s", sub.name, CLASS_NAMES)
+            continue
+        files = sorted(_tiffs(sub, recursive=True), key=lambda p: natural_key(str(p)))
+        samples += [LabeledSlice(p, label) for p in files]
+    if not samples:
+        raise DatasetError(f"no TIFF under {folder}/covid or {folder}/normal")
+    return samples
+
+
+def find_patients(root: str | Path) -> list[PatientFolder]:
+    """`<root>/<class>/<patient>/<series>/*.tif`; a patient folder holding TIFFs itself is
+    one series."""
+    base = Path(root)
+    if not base.is_dir():
+        raise DatasetError(f"patients folder not found. Received: {base}")
+    patients = []
+    for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        label = class_index(class_dir.name)
+        if label is None:
+            logger.warning("skipped folder %s: not a class name %s", class_dir.name, CLASS_NAMES)
+            continue
+        for patient in sorted(
+            (p for p in class_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)
+        ):
+            series = [p for p in patient.iterdir() if p.is_dir() and _tiffs(p, recursive=False)]
+            if _tiffs(patient, recursive=False):
+                series.append(patient)
+            if not series:
+                logger.warning("skipped patient folder %s: no TIFF series", patient.name)
+                continue
+            series.sort(key=lambda p: natural_key(p.name))
+            patients.append(PatientFolder(label, f"{class_dir.name}/{patient.name}", tuple(series)))
+    if not patients:
+        raise DatasetError(f"no <class>/<patient>/<series>/*.tif under {base}")
+    return patients
+
+
+def describe(samples: Sequence[LabeledSlice]) -> str:
+    """'1820 covid, 1916 normal slices'."""
+    counts = Counter(s.label for s in samples)
+    return ", ".join(f"{counts[i]} {name}" for i, name in enumerate(CLASS_NAMES)) + " slices"
+
+
+# --- the tf.data pipeline ---------------------------------------------------------------------
+
+
+def augmentation(
+    *,
+    rotation: float = ROTATION,
+    zoom: float = ZOOM,
+    shift: float = SHIFT,
+    shear: float = SHEAR,
+    seed: int | None = None,
+) -> Any:
+    """The paper's augmentation as Keras 3 layers: flips, rotation, zoom, shift, shear.
+
+    Empty borders take the nearest pixel, as Keras 2's ImageDataGenerator did by default.
+    Rotation and shear are each a fraction: of a full turn, of the image width.
+    """
+    import keras
+    from keras import layers
+
+    fill = {"fill_mode": "nearest"}
+
+    def sub_seed(i: int) -> int | None:
+        return None if seed is None else seed + i
+
+    return keras.Sequential(
+        [
+            layers.RandomFlip("horizontal_and_vertical", seed=sub_seed(0)),
+            layers.RandomRotation(rotation, seed=sub_seed(1), **fill),
+            layers.RandomZoom(zoom, zoom, seed=sub_seed(2), **fill),
+            layers.RandomTranslation(shift, shift, seed=sub_seed(3), **fill),
+            layers.RandomShear(shear, shear, seed=sub_seed(4), **fill),
+        ],
+        name="paper_augmentation",
+    )
+
+
+def make_dataset(
+    samples: Sequence[LabeledSlice],
+    *,
+    batch_size: int,
+    training: bool,
+    augment: bool = True,
+    seed: int | None = None,
+) -> tf.data.Dataset:
+    """(slices float32 [B, 512, 512, 1] stored values, one-hot labels float32 [B, 2]).
+
+    With `training`: shuffled every pass, repeated without end (the caller sets the steps
+    per epoch) and, with `augment`, augmented per batch. Otherwise in order, once.
+    """
+    import tensorflow as tf
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1. Received: batch_size={batch_size}")
+    if not samples:
+        raise DatasetError("no slices to feed")
+    paths = [str(s.path) for s in samples]
+    labels = np.eye(len(CLASS_NAMES), dtype=np.float32)[[s.label for s in samples]]
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels))
+    if training:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(_load, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size, drop_remainder=training)
+    if training and augment:
+        augmenter = augmentation(seed=seed)
+        ds = ds.map(
+            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _load(path: Any, label: Any) -> tuple[Any, Any]:
+    import tensorflow as tf
+
+    image = tf.numpy_function(lambda p: read_slice(p.decode()), [path], tf.float32)
+    image = tf.ensure_shape(image[..., None], (IMAGE_SIZE, IMAGE_SIZE, 1))
+    return image, label
+
+
+def as_batches(items: Iterable[np.ndarray], batch_size: int) -> Iterable[np.ndarray]:
+    """Stack [512, 512] arrays into float32 [B, 512, 512, 1] batches of at most batch_size."""
+    batch: list[np.ndarray] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield np.stack(batch).astype(np.float32)[..., None]
+            batch = []
+    if batch:
+        yield np.stack(batch).astype(np.float32)[..., None]
