@@ -154,8 +154,7 @@ def read_fold_csv(csv_path: str | Path, images_dir: str | Path) -> list[LabeledS
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
         if not {"filename", "class"} <= set(columns):
             raise DatasetError(
-                f"CSV needs columns filename and class. Received: {reader.fieldnames} "
-                f"in {csv_path}"
+                f"CSV needs columns filename and class. Received: {reader.fieldnames} in {csv_path}"
             )
         for line, row in enumerate(reader, start=2):
             name, label = row[columns["filename"]].strip(), class_index(row[columns["class"]])

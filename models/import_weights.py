@@ -36,7 +36,11 @@ logger = logging.getLogger(__name__)
 
 # Keras's automatic name stem per layer class: dense, dense_1 … (tf.keras) or dense_1 …
 # (standalone Keras 2).
-AUTO_NAME_STEMS = {"Dense": "dense", "Conv2D": "conv2d", "BatchNormalization": "batch_normalization"}
+AUTO_NAME_STEMS = {
+    "Dense": "dense",
+    "Conv2D": "conv2d",
+    "BatchNormalization": "batch_normalization",
+}
 _AUTO_NAME = re.compile(r"^(?P<stem>[a-z_]+?)(?:_(?P<number>\d+))?$")
 
 
@@ -130,10 +134,14 @@ def _pair_auto_named(
         ours.sort(key=lambda layer: rank.get(layer.name, len(rank)))
         theirs = sorted((h5 for h5 in leftover if _stem(h5.name) == stem), key=_number)
         pairs += list(zip(ours, theirs, strict=False))
-        problems += [f"missing: no weights in the file for our layer {layer.name}" for layer in
-                     ours[len(theirs):]]
-        problems += [f"extra: file layer {h5.name} has no place in the architecture" for h5 in
-                     theirs[len(ours):]]
+        problems += [
+            f"missing: no weights in the file for our layer {layer.name}"
+            for layer in ours[len(theirs) :]
+        ]
+        problems += [
+            f"extra: file layer {h5.name} has no place in the architecture"
+            for h5 in theirs[len(ours) :]
+        ]
     paired_ours = {layer.name for layer, _ in pairs}
     paired_theirs = {h5.name for _, h5 in pairs}
     problems += [

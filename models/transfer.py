@@ -23,7 +23,9 @@ logger = logging.getLogger(__name__)
 
 IMAGENET_FILE = "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
 # Where keras.applications.ResNet50V2(weights="imagenet", include_top=False) gets them.
-IMAGENET_URL = f"https://storage.googleapis.com/tensorflow/keras-applications/resnet/{IMAGENET_FILE}"
+IMAGENET_URL = (
+    f"https://storage.googleapis.com/tensorflow/keras-applications/resnet/{IMAGENET_FILE}"
+)
 IMAGENET_MD5 = "fac2f116257151a9d068a22e544a4917"
 FIRST_CONV = "conv1_conv"
 FROM_SCRATCH = "training from scratch (no ImageNet transfer)"
@@ -72,8 +74,9 @@ def transfer_imagenet(model: Any, weights_path: str | Path) -> Transfer:
     """
     layers = read_keras2_h5(weights_path)
     if FIRST_CONV not in layers:
-        raise WeightImportError(f"no {FIRST_CONV} layer: not a ResNet50V2 file. Received: "
-                                f"{weights_path}")
+        raise WeightImportError(
+            f"no {FIRST_CONV} layer: not a ResNet50V2 file. Received: {weights_path}"
+        )
     plan, problems = [], []
     for name, h5 in layers.items():
         if name == FIRST_CONV:

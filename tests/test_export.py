@@ -11,7 +11,6 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_architecture import WIDE_HEAD_STD, ct_like_slices
 
 from app import contract
 from models import export
@@ -24,6 +23,7 @@ from models.export import (
     untrained_card,
     verify_saved_model,
 )
+from support import WIDE_HEAD_STD, ct_like_slices
 
 
 @dataclass
