@@ -67,7 +67,7 @@ def read_keras2_h5(path: str | Path) -> dict[str, H5Layer]:
     except OSError as e:
         raise WeightImportError(f"not an HDF5 file: {e}. Received: {path}") from e
     with f:
-        group = f["model_weights"] if "model_weights" in f else f
+        group = f.get("model_weights", f)
         if "layer_names" not in group.attrs:
             raise WeightImportError(
                 "no 'layer_names' attribute: not a Keras 2 HDF5 weights file (a Keras 3 "
