@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.errors import NotReadyError, UnauthorizedError
+from app.guard import API_KEY_HEADER, api_key_valid
 from app.inference import InferenceEngine
 from app.logs import patient_hash, request_id_var
 from app.pipeline import diagnose_upload
@@ -30,14 +31,20 @@ def get_engine(request: Request) -> InferenceEngine:
     return runtime.engine
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
-    if not settings.api_keys:
-        return
-    given = request.headers.get("x-api-key", "").encode()
-    # Compare with every key, in constant time, so timing tells nothing about which matched.
-    matched = [hmac.compare_digest(given, key.encode()) for key in settings.api_keys]
-    if not any(matched):
-        raise UnauthorizedError("send a valid key in the X-API-Key header")
+# Declared for the OpenAPI document; checked here and, before the body is read, by the
+# upload guard (app/guard.py).
+_api_key_header = APIKeyHeader(
+    name=API_KEY_HEADER,
+    auto_error=False,
+    description="one of COVIDCT_API_KEYS; not needed when no key is configured",
+)
+
+
+def require_api_key(
+    settings: SettingsDep, key: Annotated[str | None, Depends(_api_key_header)]
+) -> None:
+    if not api_key_valid(key, settings):
+        raise UnauthorizedError(f"send a valid key in the {API_KEY_HEADER} header")
 
 
 @router.post(
@@ -68,7 +75,7 @@ async def diagnose(
         "diagnosis",
         extra={
             "audit": True,
-            "patient": patient_hash(patient_id),
+            "patient": patient_hash(patient_id, _audit_key(settings)),
             "model_version": engine.card.version,
             "weights_source": engine.card.weights_source,
             "outcome": out.diagnosis,
@@ -80,6 +87,11 @@ async def diagnose(
         },
     )
     return out
+
+
+def _audit_key(settings: Settings) -> bytes | None:
+    key = settings.audit_hash_key
+    return key.get_secret_value().encode() if key is not None else None
 
 
 @router.get("/health")

@@ -32,13 +32,16 @@ from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, Implic
 
 from app import errors
 from app.domain import Series, SkippedMember, SliceInfo, Study
+from app.logs import protect_library_logs
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 # pydicom's default "warn" mode echoes invalid tag values (patient data) into warnings and
-# its log. Process-wide, but ingest is the service's only pydicom reader.
+# its log. Process-wide, but ingest is the service's only pydicom reader. Whatever the
+# readers still log or warn loses its text (app/logs.py).
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
+protect_library_logs()
 
 SIZE = 512  # slices leave ingest as SIZE × SIZE
 OFFSET = 1024  # stored value = HU + OFFSET
@@ -46,6 +49,13 @@ _MAX_SIDE = 4096  # a larger image is no CT slice (and may be a decompression bo
 _RATIO_MIN_BYTES = 1 << 20  # smaller members are bounded by the total size limit alone
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
+# Only these are read: Python bounds their decompression per read; bzip2 and LZMA inflate a
+# whole compressed chunk at once, whatever the size asked for.
+_METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+_LOCAL_HEADER = 30  # bytes of a zip local file header before its name
+# Archives inside the archive (zip, gzip, bzip2, xz, 7z, rar) are never opened.
+_ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf")
+_ARCHIVE_MAGIC += (b"Rar!",)
 _DIRECTIONS = ("left → right", "posterior → anterior", "superior → inferior (head → feet)")
 
 # Why a member gave nothing. When nothing usable is left, the first category present
@@ -146,14 +156,34 @@ def _check_archive(zf: zipfile.ZipFile, settings: Settings) -> list[zipfile.ZipI
             f"the archive declares {declared} uncompressed bytes; "
             f"the limit is {settings.max_uncompressed_bytes}"
         )
+    _check_layout(zf)
+    limit = settings.max_compression_ratio
     for index, info in enumerate(infos, start=1):
         ratio = info.file_size / max(info.compress_size, 1)
-        if info.file_size > _RATIO_MIN_BYTES and ratio > settings.max_compression_ratio:
+        if info.file_size > _RATIO_MIN_BYTES and ratio > limit:
             raise errors.ZipBombError(
-                f"archive member {index} expands {ratio:.0f}-fold; "
-                f"the limit is {settings.max_compression_ratio:g}"
+                f"archive member {index} expands {ratio:.0f}-fold; the limit is {limit:g}"
             )
+    ratio = declared / max(sum(info.compress_size for info in infos), 1)
+    if declared > _RATIO_MIN_BYTES and ratio > limit:  # many small members, each under 1 MiB
+        raise errors.ZipBombError(f"the archive expands {ratio:.0f}-fold; the limit is {limit:g}")
     return infos
+
+
+def _check_layout(zf: zipfile.ZipFile) -> None:
+    """Members' compressed data lie one after the other before the central directory.
+
+    Overlapping members (one deflate stream referenced by many entries) and compressed
+    sizes larger than the archive (which would hide a member's real expansion ratio) are
+    how zip bombs defeat per-member limits.
+    """
+    spans = sorted((info.header_offset, info.compress_size) for info in zf.infolist())
+    ends = [offset for offset, _ in spans[1:]] + [zf.start_dir]
+    for (offset, size), end in zip(spans, ends, strict=False):
+        if offset + _LOCAL_HEADER + size > end:
+            raise errors.ZipBombError(
+                "archive members overlap or declare more compressed bytes than the archive holds"
+            )
 
 
 def _read_members(
@@ -168,6 +198,10 @@ def _read_members(
             continue
         if info.flag_bits & 0x1:
             skips.append((_ENCRYPTED, SkippedMember(index, "encrypted archive member")))
+            continue
+        if info.compress_type not in _METHODS:
+            reason = "compression method not supported (only stored and deflated)"
+            skips.append((_CORRUPT, SkippedMember(index, reason)))
             continue
         limit = min(info.file_size, budget)
         try:
@@ -188,9 +222,11 @@ def _read_members(
 
 def _decode_member(index: int, name: str, data: bytes, settings: Settings) -> list[_Frame]:
     """DICOM ('DICM' at 128, else a forced read) or TIFF (by magic): header facts only."""
+    if data.startswith(_ARCHIVE_MAGIC) and data[128:132] != b"DICM":
+        raise _Skip(_OTHER, "nested archive (archives inside the upload are not opened)")
     try:
         if data[:4] in _TIFF_MAGIC:
-            return _decode_tiff(index, name, data)
+            return _decode_tiff(index, name, data, settings)
         if data[128:132] == b"DICM":
             return _decode_dicom(index, name, pydicom.dcmread(io.BytesIO(data)), settings)
         return _decode_dicom(index, name, _read_unmarked_dicom(data), settings)
@@ -381,11 +417,14 @@ def _to_stored_values(raw: np.ndarray, slope: float, intercept: float) -> np.nda
     return np.clip(values, 0, 65535).astype(np.uint16)
 
 
-def _decode_tiff(index: int, name: str, data: bytes) -> list[_Frame]:
+def _decode_tiff(index: int, name: str, data: bytes, settings: Settings) -> list[_Frame]:
     """One frame per page; pixels decode later, from the still open file."""
-    pages = list(tifffile.TiffFile(io.BytesIO(data)).pages)
-    for page in pages:
-        _check_tiff_page(page)
+    pages: list[tifffile.TiffPage] = []
+    for page in tifffile.TiffFile(io.BytesIO(data)).pages:
+        if len(pages) == settings.max_slices_per_series:
+            raise errors.TooManySlicesError(f"archive member {index} holds too many pages")
+        _check_tiff_page(page)  # type: ignore[arg-type]
+        pages.append(page)  # type: ignore[arg-type]
     key, multi = posixpath.dirname(name) or ".", len(pages) > 1
     return [
         _Frame(

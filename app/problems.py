@@ -1,5 +1,9 @@
 """The one place where exceptions become RFC 9457 problem+json responses, and the request
-middleware (request id, latency metrics)."""
+middleware (request id, latency metrics).
+
+Every problem body carries a stable `type`, the request id, and a detail free of patient
+data: archive members are referred to by index, submitted values are never echoed.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.errors import PROBLEM_BASE, CovidCTError, QueueFullError
 from app.logs import request_id_var
+from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -37,8 +42,8 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-async def _covidct_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, CovidCTError)
+def problem_for(exc: CovidCTError) -> JSONResponse:
+    """The response for one of the service's failures; 503s say when to retry."""
     headers = {}
     if isinstance(exc, QueueFullError):
         headers["Retry-After"] = str(exc.retry_after_s)
@@ -46,6 +51,11 @@ async def _covidct_error(request: Request, exc: Exception) -> JSONResponse:
         headers["Retry-After"] = "10"
     logger.info("request refused", extra={"problem": exc.type_, "status": exc.status})
     return problem(exc.status, exc.type_, exc.title, exc.detail, headers)
+
+
+async def _covidct_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, CovidCTError)
+    return problem_for(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
@@ -57,9 +67,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(422, "invalid-request", "Request is invalid", fields)
 
 
+_HTTP_TYPES = {400: "malformed-request", 404: "not-found", 405: "method-not-allowed"}
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    type_ = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+    if isinstance(exc.__cause__, CovidCTError):
+        # FastAPI wraps whatever fails while it reads the body (here: the upload guard's
+        # byte limit, raised from `receive`) in a 400; answer with the real failure.
+        return problem_for(exc.__cause__)
+    type_ = _HTTP_TYPES.get(exc.status_code, "http-error")
     return problem(exc.status_code, type_, str(exc.detail), str(exc.detail), exc.headers)
 
 
@@ -69,6 +86,15 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install_problem_handlers(app: FastAPI) -> None:
+    """Exception handlers, and the upload guard (API key, size and concurrency checks made
+    before the diagnose body is read), which answers with the same problem bodies."""
+    from app.guard import UploadGuardMiddleware  # the guard builds its answers here
+
+    def settings() -> Settings:
+        # The settings the routes see (create_app overrides the dependency).
+        return app.dependency_overrides.get(get_settings, get_settings)()
+
+    app.add_middleware(UploadGuardMiddleware, settings=settings)
     app.add_exception_handler(CovidCTError, _covidct_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -88,25 +114,31 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
-        status = 500
-        t0 = time.perf_counter()
+        status, t0, observed = 500, time.perf_counter(), False
+
+        def observe() -> None:
+            nonlocal observed
+            if not observed:
+                observed = True
+                path = getattr(scope.get("route"), "path", "unmatched")
+                metrics.HTTP_REQUEST_DURATION.labels(path, scope["method"], str(status)).observe(
+                    time.perf_counter() - t0
+                )
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message["headers"] = headers
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                observe()  # when the last byte is out, before the client can ask /metrics
 
         metrics.HTTP_REQUESTS_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             metrics.HTTP_REQUESTS_IN_FLIGHT.dec()
-            route = scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            metrics.HTTP_REQUEST_DURATION.labels(path, scope["method"], str(status)).observe(
-                time.perf_counter() - t0
-            )
+            observe()
             request_id_var.reset(token)

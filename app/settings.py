@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -48,7 +48,18 @@ class Settings(BaseSettings):
     patient_threshold: float = Field(0.1, ge=0, le=1, description="the paper's t")
 
     # --- input limits ------------------------------------------------------------
-    max_upload_bytes: int = Field(1024 * 1024 * 1024, ge=1)
+    max_upload_bytes: int = Field(
+        1024 * 1024 * 1024,
+        ge=1,
+        description="request body of POST /patients/diagnose (the zip and the form fields); "
+        "counted while it streams in, and refused with 413 as soon as it is exceeded",
+    )
+    max_concurrent_uploads: int = Field(
+        8,
+        ge=1,
+        description="diagnose requests in progress at once (upload, decode, inference); more "
+        "are answered 503 queue-full with Retry-After before their body is read",
+    )
     max_members: int = Field(5000, ge=1)
     max_uncompressed_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
     max_compression_ratio: float = Field(200.0, gt=1)
@@ -56,7 +67,17 @@ class Settings(BaseSettings):
     max_slices_total: int = Field(4000, ge=1)
 
     # --- access and logs -----------------------------------------------------------
-    api_keys: list[str] = Field(default_factory=list, description="empty: no key needed")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys accepted in the X-API-Key header of POST /patients/diagnose (a JSON "
+        "list in COVIDCT_API_KEYS); empty: no key needed (the local development default)",
+    )
+    audit_hash_key: SecretStr | None = Field(
+        None,
+        description="secret of the HMAC-SHA256 that pseudonymises patient ids in the audit log; "
+        "unset: a random key per process (hashes then correlate within one run only). Set "
+        "it, and keep it secret, to correlate audit lines across restarts and replicas",
+    )
     log_level: str = "INFO"
 
     @model_validator(mode="after")
@@ -65,6 +86,8 @@ class Settings(BaseSettings):
             lo, hi = getattr(self, name)
             if not 0 <= lo < hi <= 512:
                 raise ValueError(f"{name} must satisfy 0 <= lo < hi <= 512. Received: {lo, hi}")
+        if any(not key.get_secret_value().strip() for key in self.api_keys):
+            raise ValueError("api_keys must not hold an empty key. Received: an empty string")
         if self.device not in {"auto", "cpu", "gpu"}:
             raise ValueError(f"device must be auto, cpu or gpu. Received: device={self.device}")
         return self

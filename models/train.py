@@ -182,6 +182,7 @@ def train(
         validation_steps=config.validation_steps,
         callbacks=callbacks,
         verbose=config.verbose,
+        shuffle=False,  # the dataset shuffles itself, every pass
     )
     record["status"] = "finished"
     _write_json(record_path, record)
