@@ -38,7 +38,7 @@ async def diagnose_study(
     """Select, infer and judge every series of an ingested study."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    selections = [_select(s, settings) for s in study.series]
+    selections = await run_in_threadpool(lambda: [_select(s, settings) for s in study.series])
     timings["select"] = _observe("select", t0)
 
     t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import logging
 import re
 import time
 import uuid
+from traceback import extract_tb
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,8 +81,7 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem(exc.status_code, type_, str(exc.detail), str(exc.detail), exc.headers)
 
 
-async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-    logger.error("unhandled error", exc_info=exc)
+def _unexpected() -> JSONResponse:
     return problem(500, "internal", "Internal error", "an unexpected error occurred")
 
 
@@ -98,11 +98,14 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(CovidCTError, _covidct_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(Exception, _unexpected)
 
 
 class RequestContextMiddleware:
-    """Request id (X-Request-ID, taken from the caller when well-formed) and latency metrics."""
+    """Request id (X-Request-ID, taken from the caller when well-formed), latency metrics, and
+    the 500 problem for an unexpected error (here, so that it carries the request id too).
+
+    The error is re-raised after the answer, so the server (and a TestClient) still sees it.
+    """
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -114,7 +117,7 @@ class RequestContextMiddleware:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
-        status, t0, observed = 500, time.perf_counter(), False
+        status, t0, observed, started = 500, time.perf_counter(), False, False
 
         def observe() -> None:
             nonlocal observed
@@ -126,9 +129,9 @@ class RequestContextMiddleware:
                 )
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
                 message["headers"] = headers
             await send(message)
@@ -138,6 +141,16 @@ class RequestContextMiddleware:
         metrics.HTTP_REQUESTS_IN_FLIGHT.inc()
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # Type and code locations only: messages of library exceptions may quote
+            # patient data.
+            frames = [f"{f.filename}:{f.lineno} {f.name}" for f in extract_tb(exc.__traceback__)]
+            logger.error(
+                "unhandled error", extra={"exception": type(exc).__name__, "where": frames[-8:]}
+            )
+            if not started:
+                await _unexpected()(scope, receive, send_with_id)
+            raise
         finally:
             metrics.HTTP_REQUESTS_IN_FLIGHT.dec()
             observe()

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     )
     retry_after_s: int = Field(5, ge=1)
     warmup_batch_sizes: list[int] | None = Field(
-        None, description="batch sizes run once at start; default: 1 and max_batch_size"
+        None,
+        description="batch sizes run once at start (graph and kernel selection per shape); "
+        "default: every size from 1 to max_batch_size, since dynamic batching uses them all",
     )
     mixed_precision: bool = Field(False, description="bfloat16 compute where supported")
 
@@ -94,7 +96,7 @@ class Settings(BaseSettings):
 
     @property
     def warmup_sizes(self) -> list[int]:
-        sizes = self.warmup_batch_sizes or [1, self.max_batch_size]
+        sizes = self.warmup_batch_sizes or range(1, self.max_batch_size + 1)
         return sorted({s for s in sizes if 1 <= s <= self.max_batch_size})
 
 

@@ -2,6 +2,13 @@
 
     python -m models build-default --out var/models/default [--seed 0]
         [--head-init-std 0.001] [--force]
+    python -m models train --run-dir runs/fold1 --csv-dir CSV --images DATA --fold 1 [...]
+    python -m models export runs/fold1/best.keras --out var/models/fold1
+    python -m models evaluate var/models/fold1 --out reports/fold1
+        [--csv-dir CSV --images DATA --fold 1] [--patients RAW]
+    python -m models import-weights FPN-fold1.hdf5 --out var/models/paper-fold1
+
+`python -m models COMMAND --help` documents each command's options.
 
 Each command is a pair of functions: one adds its subparser, one runs it and returns the
 exit status. Add a command by appending its `_add_*` function to COMMANDS.
@@ -14,6 +21,8 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from models import evaluate, import_weights, train
 
 # Not __name__: run with -m, that is "__main__".
 logger = logging.getLogger("models.cli")
@@ -73,9 +82,12 @@ def _run_build_default(args: argparse.Namespace) -> int:
 
 # --- the command line ---------------------------------------------------------------------------
 
-# Commands still to come: train, export, evaluate, import-weights.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_build_default,
+    train.add_train_command,
+    train.add_export_command,
+    evaluate.add_command,
+    import_weights.add_command,
 ]
 
 

@@ -403,7 +403,8 @@ def _plot_confusion(path: Path, report: dict[str, Any], title: str) -> None:
     fig, ax = plt.subplots(figsize=(4, 3.6))
     ax.imshow(counts, cmap="Blues")
     for (i, j), v in np.ndenumerate(counts):
-        ax.text(j, i, str(v), ha="center", va="center", color="black")
+        dark = v > counts.max() / 2
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if dark else "black")
     ax.set_xticks(range(len(CLASS_NAMES)), CLASS_NAMES)
     ax.set_yticks(range(len(CLASS_NAMES)), CLASS_NAMES)
     ax.set_xlabel("predicted")
@@ -529,12 +530,16 @@ def run_command(args: argparse.Namespace) -> int:
     if bool(args.csv_dir) != bool(args.images):
         logger.error("--csv-dir and --images go together")
         return 2
-    slice_samples = None
-    if args.csv_dir:
-        csv_path = datasets.fold_csv(args.csv_dir, args.split, args.fold)
-        slice_samples = datasets.read_fold_csv(csv_path, args.images)
-    patient_folders = datasets.find_patients(args.patients) if args.patients else None
-    predict, card = saved_model_predictor(args.model)
+    try:
+        slice_samples = None
+        if args.csv_dir:
+            csv_path = datasets.fold_csv(args.csv_dir, args.split, args.fold)
+            slice_samples = datasets.read_fold_csv(csv_path, args.images)
+        patient_folders = datasets.find_patients(args.patients) if args.patients else None
+        predict, card = saved_model_predictor(args.model)
+    except (ValueError, OSError) as e:  # bad layout, or no SavedModel with a card there
+        logger.error("%s", e)
+        return 1
     report = evaluate(
         out_dir=args.out,
         predict=predict,

@@ -216,6 +216,8 @@ def import_weights(
     from models.export import export_saved_model
 
     source = Path(h5_path)
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; import elsewhere or replace it (--force)")
     layers = read_keras2_h5(source)
     model = build_fpn_resnet50v2()
     values = apply_plan(plan_import(model, layers))
@@ -290,7 +292,7 @@ def run_command(args: Any) -> int:
             training_data=args.training_data,
             overwrite=args.force,
         )
-    except (WeightImportError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # WeightImportError is a ValueError
         logger.error("%s", e)
         return 1
     card = read_card(path)

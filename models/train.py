@@ -32,6 +32,7 @@ from typing import Any
 from app.contract import ModelCard
 from models import data as datasets
 from models.data import LabeledSlice
+from models.transfer import IMAGENET_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -300,6 +301,8 @@ def export_checkpoint(
         path = path / BEST
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found. Received: {path}")
+    if Path(out_dir).exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; export elsewhere or replace it (--force)")
     model = keras.models.load_model(path, compile=False)
     record_path = path.parent / RUN_RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
@@ -401,8 +404,8 @@ def add_train_command(subparsers: Any) -> None:
     init.add_argument(
         "--imagenet-weights",
         metavar="PATH",
-        help=f"Keras's {'resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5'} "
-        "(default: Keras's cache, else a download; offline: from scratch, said plainly)",
+        help=f"Keras's {IMAGENET_FILE} (default: Keras's cache, else a download; "
+        "offline: from scratch, said plainly)",
     )
     init.add_argument("--no-imagenet", action="store_true", help="train from scratch")
     p.add_argument("--no-augment", action="store_true", help="switch augmentation off")
@@ -421,32 +424,27 @@ def add_train_command(subparsers: Any) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    if args.csv_dir or args.images:
-        if not (args.csv_dir and args.images) or args.train_dir or args.val_dir:
-            logger.error("give --csv-dir and --images (fold layout) or --train-dir and --val-dir")
-            return 2
-        training_data = fold_data(args.csv_dir, args.images, args.fold)
-    elif args.train_dir and args.val_dir:
-        training_data = folder_data(args.train_dir, args.val_dir)
-    else:
-        logger.error("give --csv-dir and --images (fold layout) or --train-dir and --val-dir")
-        return 2
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        validation_batch_size=args.validation_batch_size,
-        learning_rate=args.learning_rate,
-        steps_per_epoch=args.steps_per_epoch,
-        validation_steps=args.validation_steps,
-        augment=not args.no_augment,
-        imagenet=None if args.no_imagenet else (args.imagenet_weights or "auto"),
-        head_init_std=args.head_init_std,
-        seed=args.seed,
-        run_eagerly=args.run_eagerly,
-        verbose=args.verbose,
-    )
-    started = time.perf_counter()
-    result = train(training_data, config, args.run_dir, resume=args.resume)
+    try:
+        training_data = _training_data(args)
+        config = TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            validation_batch_size=args.validation_batch_size,
+            learning_rate=args.learning_rate,
+            steps_per_epoch=args.steps_per_epoch,
+            validation_steps=args.validation_steps,
+            augment=not args.no_augment,
+            imagenet=None if args.no_imagenet else (args.imagenet_weights or "auto"),
+            head_init_std=args.head_init_std,
+            seed=args.seed,
+            run_eagerly=args.run_eagerly,
+            verbose=args.verbose,
+        )
+        started = time.perf_counter()
+        result = train(training_data, config, args.run_dir, resume=args.resume)
+    except (ValueError, OSError) as e:  # bad data, layout, weights file or run directory
+        logger.error("%s", e)
+        return 1
     best = result.record["best"]
     summary = f"epoch {best['epoch']}, {MONITOR} {best[MONITOR]:.4f}" if best else "none"
     print(
@@ -454,6 +452,20 @@ def run_train(args: argparse.Namespace) -> int:
         f"{time.perf_counter() - started:.0f} s; best: {summary} → {result.best_checkpoint}"
     )
     return 0
+
+
+def _training_data(args: argparse.Namespace) -> TrainingData:
+    fold_layout = bool(args.csv_dir or args.images)
+    folder_layout = bool(args.train_dir or args.val_dir)
+    pairs = (args.csv_dir, args.images) if fold_layout else (args.train_dir, args.val_dir)
+    if fold_layout == folder_layout or not all(pairs):
+        raise ValueError(
+            "give --csv-dir and --images (fold layout) or --train-dir and --val-dir "
+            "(class folders), not both"
+        )
+    if fold_layout:
+        return fold_data(args.csv_dir, args.images, args.fold)
+    return folder_data(args.train_dir, args.val_dir)
 
 
 def add_export_command(subparsers: Any) -> None:
@@ -479,7 +491,7 @@ def run_export(args: argparse.Namespace) -> int:
         path = export_checkpoint(
             args.checkpoint, args.out, version=args.version, overwrite=args.force
         )
-    except (FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:
         logger.error("%s", e)
         return 1
     card = read_card(path)

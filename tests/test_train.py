@@ -136,13 +136,21 @@ def test_resume_continues_from_the_last_epoch(run, dataset):
         train(folder_data(dataset / "train", dataset / "val"), TINY, run_dir)
 
 
-def test_export_serves_what_training_kept(run, tmp_path, dataset):
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir, _ = run
+    return export_checkpoint(
+        run_dir, tmp_path_factory.mktemp("export") / "trained", version="test-trained"
+    )
+
+
+def test_export_serves_what_training_kept(run, exported, dataset):
     import keras
 
     from models.export import directory_size
 
     run_dir, _ = run
-    out = export_checkpoint(run_dir, tmp_path / "trained", version="test-trained")
+    out = exported
 
     keras_model = keras.models.load_model(run_dir / BEST, compile=False)
     batch = np.stack([datasets.read_slice(p) for p in sorted((dataset / "data").glob("*.tif"))])[
@@ -162,17 +170,31 @@ def test_export_serves_what_training_kept(run, tmp_path, dataset):
     assert card.metrics["validation"]["epoch"] == record["best"]["epoch"]
     # The weights are stored once, without the optimiser state of the checkpoint.
     assert directory_size(out) < 1.15 * 4 * card.parameters
+    with pytest.raises(FileExistsError, match="--force"):
+        export_checkpoint(run_dir, out)
 
 
-def test_command_line_evaluates_the_exported_model(run, tmp_path, dataset):
-    from models.evaluate import add_command, run_command
-    from models.train import add_export_command, add_train_command
+def test_the_service_serves_the_trained_export(exported):
+    from fastapi.testclient import TestClient
 
-    parser = _parser(add_train_command, add_export_command, add_command)
+    from app.main import create_app
+    from support import make_settings, wait_ready
+
+    app = create_app(make_settings(exported, allow_untrained=False, warmup_batch_sizes=[1]))
+    with TestClient(app) as client:
+        wait_ready(client)
+        health = client.get("/health").json()
+    assert health["model_card"]["weights_source"] == "trained"
+    assert health["model_card"]["version"] == "test-trained"
+    assert "warning" not in health
+
+
+def test_command_line_evaluates_the_exported_model(run, tmp_path, dataset, capsys):
+    from models.__main__ import main
+
     run_dir, _ = run
     model_dir = tmp_path / "model"
-    args = parser.parse_args(["export", str(run_dir / BEST), "--out", str(model_dir)])
-    assert args.run(args) == 0
+    assert main(["export", str(run_dir / BEST), "--out", str(model_dir)]) == 0
     report_dir = tmp_path / "report"
     argv = [
         "evaluate",
@@ -189,21 +211,20 @@ def test_command_line_evaluates_the_exported_model(run, tmp_path, dataset):
         "4",
         "--update-card",
     ]
-    assert run_command(parser.parse_args(argv)) == 0
+    assert main(argv) == 0
+    assert "slices: n=2 accuracy=" in capsys.readouterr().out
     report = json.loads((report_dir / "metrics.json").read_text())
     assert report["slice_level"]["n"] == 2
     assert report["patient_level"]["t=0.1"]["patients"][0]["patient"] == "covid/patient1"
     card = contract.read_card(model_dir)
     assert card.metrics["test_slices"]["n"] == 2 and "validation" in card.metrics
-    help_text = parser.format_help()
-    assert "train" in help_text and "evaluate" in help_text
 
 
-def _parser(*adders):
-    import argparse
+@pytest.mark.parametrize("command", ["train", "export", "evaluate", "import-weights"])
+def test_every_command_documents_its_options(command, capsys):
+    from models.__main__ import main
 
-    parser = argparse.ArgumentParser(prog="python -m models")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    for add in adders:
-        add(subparsers)
-    return parser
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--out" in capsys.readouterr().out or command == "train"
