@@ -51,6 +51,7 @@ _JUNK_NAMES = {".ds_store", "thumbs.db", "desktop.ini"}
 # Only these are read: Python bounds their decompression per read; bzip2 and LZMA inflate a
 # whole compressed chunk at once, whatever the size asked for.
 _METHODS = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _LOCAL_HEADER = 30  # bytes of a zip local file header before its name
 # Archives inside the archive (zip, gzip, bzip2, xz, 7z, rar) are never opened.
 _ARCHIVE_MAGIC = (b"PK\x03\x04", b"PK\x05\x06", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf")
@@ -226,9 +227,12 @@ def _decode_member(index: int, name: str, data: bytes, settings: Settings) -> li
     try:
         if data[:4] in _TIFF_MAGIC:
             return _decode_tiff(index, name, data, settings)
-        if data[128:132] == b"DICM":
-            return _decode_dicom(index, name, pydicom.dcmread(io.BytesIO(data)), settings)
-        return _decode_dicom(index, name, _read_unmarked_dicom(data), settings)
+        ds = pydicom.dcmread(io.BytesIO(data)) if data[128:132] == b"DICM" else None
+        ds = ds if ds is not None else _read_unmarked_dicom(data)
+        if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
+            # pydicom stops quietly at the end of a truncated file, dropping the element
+            raise _Skip(_CORRUPT, "pixel data truncated or unreadable")
+        return _decode_dicom(index, name, ds, settings)
     except (_Skip, errors.CovidCTError):
         raise
     except Exception as e:  # malformed input makes pydicom and tifffile raise many types

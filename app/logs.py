@@ -91,6 +91,10 @@ def protect_library_logs() -> None:
     operator adds all see the redacted text), Python warnings routed into logging, and
     warnings issued by the image libraries ignored.
     """
+    # (Re)applied on every call: a warnings.catch_warnings block (pytest runs each test in
+    # one) restores the filters it found when it ends.
+    warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
+    logging.captureWarnings(True)
     previous = logging.getLogRecordFactory()
     if getattr(previous, "covidct_redacting", False):
         return
@@ -103,8 +107,6 @@ def protect_library_logs() -> None:
 
     factory.covidct_redacting = True  # type: ignore[attr-defined]
     logging.setLogRecordFactory(factory)
-    logging.captureWarnings(True)
-    warnings.filterwarnings("ignore", module=_QUIET_WARNING_MODULES)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -50,6 +50,8 @@ def problem_for(exc: CovidCTError) -> JSONResponse:
         headers["Retry-After"] = str(exc.retry_after_s)
     elif exc.status == 503:
         headers["Retry-After"] = "10"
+    elif exc.status == 401:
+        headers["WWW-Authenticate"] = 'APIKey header="X-API-Key"'
     logger.info("request refused", extra={"problem": exc.type_, "status": exc.status})
     return problem(exc.status, exc.type_, exc.title, exc.detail, headers)
 

@@ -149,7 +149,7 @@ def read_fold_csv(csv_path: str | Path, images_dir: str | Path) -> list[LabeledS
         raise DatasetError(f"images folder not found. Received: images_dir={images}")
     samples, missing = [], []
     by_name: dict[str, Path] | None = None
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:  # BOM or not
         reader = csv.DictReader(f)
         columns = {c.strip().lower(): c for c in reader.fieldnames or []}
         if not {"filename", "class"} <= set(columns):
@@ -226,6 +226,22 @@ def find_patients(root: str | Path) -> list[PatientFolder]:
     if not patients:
         raise DatasetError(f"no <class>/<patient>/<series>/*.tif under {base}")
     return patients
+
+
+def keep_patients(patients: Sequence[PatientFolder], names: Iterable[str]) -> list[PatientFolder]:
+    """Only the patients whose folder name is listed (e.g. one fold's test patients).
+
+    A listed name that matches no folder is an error: a typo must not shrink a test set.
+    """
+    wanted = {n.strip() for n in names if n.strip() and not n.startswith("#")}
+    kept = [p for p in patients if p.patient.rsplit("/", 1)[-1] in wanted]
+    missing = wanted - {p.patient.rsplit("/", 1)[-1] for p in kept}
+    if missing:
+        raise DatasetError(
+            f"{len(missing)} listed patients have no folder (first: {sorted(missing)[:3]}). "
+            f"Received: {len(wanted)} names"
+        )
+    return kept
 
 
 def describe(samples: Sequence[LabeledSlice]) -> str:

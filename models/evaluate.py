@@ -289,6 +289,9 @@ def saved_model_predictor(model_dir: str | Path) -> tuple[Predict, ModelCard]:
 # --- the report ---------------------------------------------------------------------------------
 
 
+SELECTION_SETTINGS = {"dark_value", "roi_rows", "roi_cols", "threshold_divisor", "min_lung_pixels"}
+
+
 def write_report(
     out_dir: str | Path,
     *,
@@ -307,60 +310,47 @@ def write_report(
             mode="json", include={"name", "version", "weights_source", "fold"}
         )
     if slices is not None:
-        report["slice_level"] = slice_report(slices)
-        _write_csv(
-            out / "slices.csv",
-            [
-                {
-                    "path": p,
-                    "label": CLASS_NAMES[y],
-                    "covid_probability": float(s),
-                    "predicted": CLASS_NAMES[q],
-                }
-                for p, y, s, q in zip(
-                    slices.paths,
-                    slices.labels,
-                    slices.covid_probability,
-                    slices.predicted,
-                    strict=True,
-                )
-            ],
-        )
-        _plot_confusion(out / "confusion_slices.png", report["slice_level"], "slices")
+        report["slice_level"] = _write_slice_level(out, slices)
     if patients is not None:
-        levels = {f"t={t:g}": patient_report(patients, t) for t in thresholds}
-        rows = sweep(patients)
-        report["patient_level"] = {**levels, "sweep": rows}
+        report["patient_level"] = _write_patient_level(out, patients, thresholds)
         if settings is not None:
-            report["patient_level"]["selection"] = settings.model_dump(
-                mode="json",
-                include={
-                    "dark_value",
-                    "roi_rows",
-                    "roi_cols",
-                    "threshold_divisor",
-                    "min_lung_pixels",
-                },
-            )
-        _write_csv(
-            out / "patients.csv",
-            [
-                {"threshold": r["threshold"], **row}
-                for r in levels.values()
-                for row in r["patients"]
-            ],
-        )
-        _write_csv(out / "series.csv", _series_rows(patients))
-        _write_csv(out / "sweep.csv", rows)
-        for key, r in levels.items():
-            _plot_confusion(
-                out / f"confusion_patients_{key.replace('=', '')}.png", r, f"patients, {key}"
-            )
-        _plot_sweep(out / "threshold_sweep.png", rows)
+            selection = settings.model_dump(mode="json", include=SELECTION_SETTINGS)
+            report["patient_level"]["selection"] = selection
     _plot_roc(out / "roc.png", report)
     (out / "metrics.json").write_text(json.dumps(report, indent=2) + "\n")
     logger.info("wrote the evaluation report to %s", out)
     return report
+
+
+def _write_slice_level(out: Path, slices: SliceScores) -> dict[str, Any]:
+    report = slice_report(slices)
+    columns = (slices.paths, slices.labels, slices.covid_probability, slices.predicted)
+    rows = [
+        {"path": p, "label": CLASS_NAMES[y], "covid_probability": float(s),
+         "predicted": CLASS_NAMES[q]}
+        for p, y, s, q in zip(*columns, strict=True)
+    ]  # fmt: skip
+    _write_csv(out / "slices.csv", rows)
+    _plot_confusion(out / "confusion_slices.png", report, "slices")
+    return report
+
+
+def _write_patient_level(
+    out: Path, patients: Sequence[PatientScore], thresholds: Sequence[float]
+) -> dict[str, Any]:
+    levels = {f"t={t:g}": patient_report(patients, t) for t in thresholds}
+    rows = sweep(patients)
+    verdicts = [
+        {"threshold": r["threshold"], **row} for r in levels.values() for row in r["patients"]
+    ]
+    _write_csv(out / "patients.csv", verdicts)
+    _write_csv(out / "series.csv", _series_rows(patients))
+    _write_csv(out / "sweep.csv", rows)
+    for key, r in levels.items():
+        name = f"confusion_patients_{key.replace('=', '')}.png"
+        _plot_confusion(out / name, r, f"patients, {key}")
+    _plot_sweep(out / "threshold_sweep.png", rows)
+    return {**levels, "sweep": rows}
 
 
 def _series_rows(patients: Sequence[PatientScore]) -> list[dict[str, Any]]:
@@ -508,6 +498,12 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--split", default="test", choices=datasets.SPLITS, help="default test")
     p.add_argument("--patients", type=Path, help="raw folders: <class>/<patient>/<series>/*.tif")
     p.add_argument(
+        "--patient-list",
+        type=Path,
+        help="text file of patient folder names, one per line: evaluate only those (the "
+        "fold's test patients; the raw folders hold every patient, training ones included)",
+    )
+    p.add_argument(
         "--threshold",
         type=float,
         action="append",
@@ -536,6 +532,9 @@ def run_command(args: argparse.Namespace) -> int:
             csv_path = datasets.fold_csv(args.csv_dir, args.split, args.fold)
             slice_samples = datasets.read_fold_csv(csv_path, args.images)
         patient_folders = datasets.find_patients(args.patients) if args.patients else None
+        if patient_folders and args.patient_list:
+            names = args.patient_list.read_text().splitlines()
+            patient_folders = datasets.keep_patients(patient_folders, names)
         predict, card = saved_model_predictor(args.model)
     except (ValueError, OSError) as e:  # bad layout, or no SavedModel with a card there
         logger.error("%s", e)

@@ -142,17 +142,16 @@ def _pair_auto_named(
             f"extra: file layer {h5.name} has no place in the architecture"
             for h5 in theirs[len(ours) :]
         ]
-    paired_ours = {layer.name for layer, _ in pairs}
-    paired_theirs = {h5.name for _, h5 in pairs}
+    # Named layers of other kinds cannot be paired by order: each one is a problem.
     problems += [
         f"missing: no weights in the file for our layer {layer.name}"
         for layer in unmatched
-        if type(layer).__name__ not in AUTO_NAME_STEMS and layer.name not in paired_ours
+        if type(layer).__name__ not in AUTO_NAME_STEMS
     ]
     problems += [
         f"extra: file layer {h5.name} has no place in the architecture"
         for h5 in leftover
-        if _stem(h5.name) not in AUTO_NAME_STEMS.values() and h5.name not in paired_theirs
+        if _stem(h5.name) not in AUTO_NAME_STEMS.values()
     ]
     return pairs
 

@@ -120,7 +120,6 @@ def train(
     training_data: TrainingData, config: TrainConfig, run_dir: str | Path, *, resume: bool = False
 ) -> TrainResult:
     """Train (or, with `resume`, continue) a run in `run_dir`; returns the run record."""
-    import keras
 
     run = Path(run_dir)
     record_path = run / RUN_RECORD
@@ -152,19 +151,7 @@ def train(
     val_ds = datasets.make_dataset(
         training_data.validation, batch_size=config.validation_batch_size, training=False
     )
-    best = record["best"]["val_accuracy"] if record["best"] else None
-    callbacks = [
-        keras.callbacks.ModelCheckpoint(
-            run / BEST,
-            monitor=MONITOR,
-            mode="max",
-            save_best_only=True,
-            initial_value_threshold=best,
-        ),
-        _run_recorder(run, record),
-        keras.callbacks.CSVLogger(run / HISTORY, append=resume),
-        keras.callbacks.TerminateOnNaN(),
-    ]
+    callbacks = _callbacks(run, record, resume=resume)
     logger.info(
         "training epochs %d..%d, %d steps of %d slices per epoch; %s; validation %d slices",
         initial_epoch + 1,
@@ -188,6 +175,26 @@ def train(
     record["status"] = "finished"
     _write_json(record_path, record)
     return TrainResult(run, record, model)
+
+
+def _callbacks(run: Path, record: dict[str, Any], *, resume: bool) -> list[Any]:
+    """Keep the best validation accuracy (best.keras), record every epoch (last.keras,
+    run.json, history.csv), stop on a NaN loss."""
+    import keras
+
+    best = record["best"][MONITOR] if record["best"] else None
+    return [
+        keras.callbacks.ModelCheckpoint(
+            run / BEST,
+            monitor=MONITOR,
+            mode="max",
+            save_best_only=True,
+            initial_value_threshold=best,  # on resume, beat the best so far
+        ),
+        _run_recorder(run, record),
+        keras.callbacks.CSVLogger(run / HISTORY, append=resume),
+        keras.callbacks.TerminateOnNaN(),
+    ]
 
 
 def _new_run(training_data: TrainingData, config: TrainConfig) -> tuple[Any, dict[str, Any]]:

@@ -7,6 +7,7 @@ test_openapi_schemathesis.py and by scripts/fuzz.py and scripts/load_test.py.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import random
 import struct
@@ -93,6 +94,31 @@ def check_answer(response: Any) -> str:
 
 
 # --- apps that share one loaded model ----------------------------------------------------
+
+
+def asgi_post(app: FastAPI, headers: dict[str, str], chunks: list[bytes]) -> tuple[int, int]:
+    """POST the diagnose route at the ASGI level: (status, body chunks the app asked for)."""
+    sent: list[dict[str, Any]] = []
+    read = 0
+
+    async def receive() -> dict[str, Any]:
+        nonlocal read
+        if read == len(chunks):
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read += 1
+        return {"type": "http.request", "body": chunks[read - 1], "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": DIAGNOSE, "raw_path": DIAGNOSE.encode(), "query_string": b"",
+        "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+    }  # fmt: skip
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return sent[0]["status"], read
 
 
 def sharing_app(predictor: SavedModelPredictor, model_dir: Path, **overrides: object) -> FastAPI:
@@ -270,8 +296,8 @@ INTERESTING_32 = (0, 1, 0x7F, 0x80, 0xFF, 0x7FFF, 0x8000, 0xFFFF, 0x7FFFFFFF, 0x
 # Fields of a zip local header, a central directory record and the end record:
 # (offset from the signature, struct format).
 _LOCAL = [(4, "H"), (6, "H"), (8, "H"), (14, "I"), (18, "I"), (22, "I"), (26, "H"), (28, "H")]
-_CENTRAL = [(4, "H"), (6, "H"), (8, "H"), (10, "H"), (16, "I"), (20, "I"), (24, "I"),
-            (28, "H"), (30, "H"), (32, "H"), (34, "H"), (36, "H"), (38, "I"), (42, "I")]  # fmt: skip
+_CENTRAL = [(4, "H"), (6, "H"), (8, "H"), (10, "H"), (16, "I"), (20, "I"), (24, "I"), (28, "H"),
+            (30, "H"), (32, "H"), (34, "H"), (36, "H"), (38, "I"), (42, "I")]  # fmt: skip
 _END = [(4, "H"), (6, "H"), (8, "H"), (10, "H"), (12, "I"), (16, "I"), (20, "H")]
 _ZIP_RECORDS = ((b"PK\x03\x04", _LOCAL), (b"PK\x01\x02", _CENTRAL), (b"PK\x05\x06", _END))
 
@@ -392,8 +418,10 @@ def dicom_value(data: bytes, rng: random.Random) -> bytes:
                 delattr(ds, keyword)
         elif choice < 0.4 and "PixelData" in ds:
             pixels = ds.PixelData
-            ds.PixelData = pixels[: rng.randrange(len(pixels))] if rng.random() < 0.7 else (
-                pixels + rng.randbytes(rng.randrange(1, 4096))
+            ds.PixelData = (
+                pixels[: rng.randrange(len(pixels))]
+                if rng.random() < 0.7
+                else (pixels + rng.randbytes(rng.randrange(1, 4096)))
             )
         else:
             keyword, values = rng.choice(_DICOM_VALUES)
@@ -424,14 +452,18 @@ def tiff_ifd(data: bytes, rng: random.Random) -> bytes:
     if entry + 12 > len(out):
         return bit_flips(data, rng)
     offset, fmt = rng.choice(((0, "H"), (2, "H"), (4, "I"), (8, "I"), (8, "H")))
-    value = rng.choice(INTERESTING_32 + (1, 2, 3, 8, 16, 32, 259, 277, 339))
+    value = rng.choice((*INTERESTING_32, 1, 2, 3, 8, 16, 32, 259, 277, 339))
     struct.pack_into(e + fmt, out, entry + offset, value & (0xFFFF if fmt == "H" else 0xFFFFFFFF))
     return bytes(out)
 
 
 Mutator = Callable[[bytes, random.Random], bytes]
 BYTE_MUTATORS: tuple[Mutator, ...] = (
-    bit_flips, truncate, insert_bytes, delete_bytes, interesting_ints
+    bit_flips,
+    truncate,
+    insert_bytes,
+    delete_bytes,
+    interesting_ints,
 )
 DICOM_MUTATORS: tuple[Mutator, ...] = (dicom_value, dicom_value, dicom_raw_tag, *BYTE_MUTATORS)
 TIFF_MUTATORS: tuple[Mutator, ...] = (tiff_ifd, tiff_ifd, *BYTE_MUTATORS)

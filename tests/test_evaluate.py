@@ -239,6 +239,14 @@ def test_sweep_and_report_files(scored, tmp_path):
     assert series[("normal/N3", "SR_2")]["has_lung"] == "False"
 
 
+def test_a_patient_list_keeps_only_the_listed_patients(patients_root):
+    folders = datasets.find_patients(patients_root)
+    kept = datasets.keep_patients(folders, ["# fold 1 test patients", "P2", "N3", ""])
+    assert [p.patient for p in kept] == ["COVID/P2", "normal/N3"]
+    with pytest.raises(datasets.DatasetError, match="1 listed patients have no folder"):
+        datasets.keep_patients(folders, ["P2", "P9"])
+
+
 def test_float_series_are_refused(tmp_path):
     folder = tmp_path / "SR_2"
     folder.mkdir()

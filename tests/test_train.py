@@ -196,6 +196,8 @@ def test_command_line_evaluates_the_exported_model(run, tmp_path, dataset, capsy
     model_dir = tmp_path / "model"
     assert main(["export", str(run_dir / BEST), "--out", str(model_dir)]) == 0
     report_dir = tmp_path / "report"
+    patient_list = tmp_path / "fold1-test-patients.txt"
+    patient_list.write_text("patient1\n")
     argv = [
         "evaluate",
         str(model_dir),
@@ -207,6 +209,8 @@ def test_command_line_evaluates_the_exported_model(run, tmp_path, dataset, capsy
         str(dataset / "data"),
         "--patients",
         str(dataset / "patients"),
+        "--patient-list",
+        str(patient_list),
         "--batch-size",
         "4",
         "--update-card",

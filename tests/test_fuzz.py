@@ -1,0 +1,58 @@
+"""Seeded fuzzing of POST /patients/diagnose with mutated real zips, DICOM and TIFF files:
+every answer is a 200 diagnosis or a 4xx problem+json, never a 5xx, and the service keeps
+answering. Bounded in count and time; scripts/fuzz.py runs the long version.
+
+COVIDCT_FUZZ_SEED and COVIDCT_FUZZ_COUNT change the seed and the number of inputs.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus
+
+from shared_data import needs_data, zip_files
+
+pytestmark = needs_data
+
+SEED = int(os.environ.get("COVIDCT_FUZZ_SEED", "20260611"))
+COUNT = int(os.environ.get("COVIDCT_FUZZ_COUNT", "160"))
+MAX_SECONDS = 90.0
+
+
+@pytest.fixture(scope="module")
+def raw(client: TestClient) -> TestClient:
+    """The session's app, answering 500 instead of raising, so a 5xx is counted."""
+    return TestClient(client.app, raise_server_exceptions=False)
+
+
+def test_mutated_uploads_get_a_diagnosis_or_a_4xx_problem(raw: TestClient) -> None:
+    outcomes: collections.Counter[str] = collections.Counter()
+    failures: list[str] = []
+    uploads = mutated_uploads(SEED, seed_corpus())
+    t0 = time.perf_counter()
+    for i in range(COUNT):
+        if time.perf_counter() - t0 > MAX_SECONDS:
+            break
+        label, archive = next(uploads)
+        response = post(raw, archive, patient_id=f"FUZZ-{i}")
+        try:
+            outcomes[check_answer(response)] += 1
+        except AssertionError as e:
+            failures.append(f"input {i} ({label}, seed {SEED}): {e}"[:300])
+    seconds = time.perf_counter() - t0
+    print(f"\n{sum(outcomes.values())} inputs in {seconds:.0f} s: {dict(outcomes.most_common())}")
+    assert not failures, "\n".join(failures)
+    # The mutations reach past the container: diagnoses and several kinds of refusal.
+    assert outcomes["200"] > 0 and len(outcomes) >= 4, outcomes
+    assert sum(outcomes.values()) >= min(COUNT, 60)
+
+
+def test_the_service_is_healthy_after_fuzzing(raw: TestClient) -> None:
+    assert raw.get("/health").status_code == 200
+    r = post(raw, zip_files([("P002/IM0060.dcm", p002_slice(60))]), patient_id="AFTER")
+    assert r.status_code == 200 and r.json()["patient_id"] == "AFTER"
