@@ -47,11 +47,39 @@ def require_api_key(
         raise UnauthorizedError(f"send a valid key in the {API_KEY_HEADER} header")
 
 
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "description": "RFC 9457 problem details; `type` is stable per failure (see the README)",
+    "required": ["type", "title", "status", "detail", "request_id"],
+    "properties": {
+        "type": {"type": "string", "format": "uri"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "request_id": {"type": "string"},
+    },
+}
+_PROBLEMS: dict[int | str, dict[str, object]] = {
+    status: {
+        "description": text,
+        "content": {"application/problem+json": {"schema": _PROBLEM_SCHEMA}},
+    }
+    for status, text in [
+        (400, "not a zip, a corrupt or encrypted member, or a body that is not a form"),
+        (401, "missing or wrong X-API-Key (when keys are configured)"),
+        (413, "over a limit: upload bytes, members, slices, expansion (zip bomb)"),
+        (415, "unsupported transfer syntax, or an image that cannot hold raw CT values"),
+        (422, "no usable image, mixed slice sizes in a series, or invalid form fields"),
+        (503, "model not ready, or too busy (inference queue or uploads); see Retry-After"),
+    ]
+}
+
+
 @router.post(
     "/patients/diagnose",
     response_model=DiagnosisOut,
     dependencies=[Depends(require_api_key)],
-    responses={400: {}, 401: {}, 413: {}, 415: {}, 422: {}, 503: {}},
+    responses=_PROBLEMS,
 )
 async def diagnose(
     settings: SettingsDep,
@@ -94,7 +122,10 @@ def _audit_key(settings: Settings) -> bytes | None:
     return key.get_secret_value().encode() if key is not None else None
 
 
-@router.get("/health")
+@router.get(
+    "/health",
+    responses={503: {"description": "model loading, failed or refused (see `status`)"}},
+)
 async def health(request: Request) -> JSONResponse:
     runtime = request.app.state.runtime
     body: dict[str, object] = {"status": runtime.state, "detail": runtime.detail}
@@ -111,6 +142,10 @@ async def live() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"description": "Prometheus text format", "content": {"text/plain": {}}}},
+)
 async def prometheus_metrics() -> Response:
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

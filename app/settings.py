@@ -20,7 +20,9 @@ class Settings(BaseSettings):
         "production: /health then stays 503 with an untrained model.",
     )
     device: str = Field("auto", description="'auto' (first GPU, else CPU), 'cpu' or 'gpu'")
-    gpu_memory_growth: bool = True
+    gpu_memory_growth: bool = Field(
+        True, description="allocate GPU memory as needed instead of all of it at start"
+    )
     max_batch_size: int = Field(4, ge=1, le=256, description="slices per model call")
     max_queue_delay_ms: float = Field(
         5.0, ge=0, le=1000, description="how long a partial batch waits for more slices"
@@ -28,7 +30,7 @@ class Settings(BaseSettings):
     max_queue_slices: int = Field(
         2048, ge=1, description="slices waiting for the model before new requests get 503"
     )
-    retry_after_s: int = Field(5, ge=1)
+    retry_after_s: int = Field(5, ge=1, description="Retry-After of a 503 queue-full answer")
     warmup_batch_sizes: list[int] | None = Field(
         None,
         description="batch sizes run once at start (graph and kernel selection per shape); "
@@ -38,9 +40,11 @@ class Settings(BaseSettings):
 
     # --- the paper's method ----------------------------------------------------
     dark_value: int = Field(300, description="stored value under which a pixel is air/lung")
-    roi_rows: tuple[int, int] = (240, 340)
-    roi_cols: tuple[int, int] = (120, 370)
-    threshold_divisor: float = Field(1.5, gt=0)
+    roi_rows: tuple[int, int] = Field((240, 340), description="the paper's ROI rows (y)")
+    roi_cols: tuple[int, int] = Field((120, 370), description="the paper's ROI columns (x)")
+    threshold_divisor: float = Field(
+        1.5, gt=0, description="selected when count > (max - min) / divisor (the paper: 1.5)"
+    )
     min_lung_pixels: int = Field(
         500,
         ge=0,
@@ -62,11 +66,21 @@ class Settings(BaseSettings):
         description="diagnose requests in progress at once (upload, decode, inference); more "
         "are answered 503 queue-full with Retry-After before their body is read",
     )
-    max_members: int = Field(5000, ge=1)
-    max_uncompressed_bytes: int = Field(4 * 1024 * 1024 * 1024, ge=1)
-    max_compression_ratio: float = Field(200.0, gt=1)
-    max_slices_per_series: int = Field(2000, ge=1)
-    max_slices_total: int = Field(4000, ge=1)
+    max_members: int = Field(5000, ge=1, description="files in the zip (folders not counted)")
+    max_uncompressed_bytes: int = Field(
+        4 * 1024 * 1024 * 1024,
+        ge=1,
+        description="what the zip's members declare, all together; also bounds the decoded "
+        "slices (2 bytes a pixel). Checked before anything is decompressed",
+    )
+    max_compression_ratio: float = Field(
+        200.0,
+        gt=1,
+        description="uncompressed / compressed size, per member over 1 MiB and for the whole "
+        "archive: zip bombs expand ~1000-fold, CT data 1- to 10-fold",
+    )
+    max_slices_per_series: int = Field(2000, ge=1, description="also frames / pages per file")
+    max_slices_total: int = Field(4000, ge=1, description="over all series of one upload")
 
     # --- access and logs -----------------------------------------------------------
     api_keys: list[SecretStr] = Field(
@@ -80,7 +94,7 @@ class Settings(BaseSettings):
         "unset: a random key per process (hashes then correlate within one run only). Set "
         "it, and keep it secret, to correlate audit lines across restarts and replicas",
     )
-    log_level: str = "INFO"
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

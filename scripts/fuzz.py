@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import subprocess
 import sys
 import time
@@ -26,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fastapi.testclient import TestClient  # noqa: E402
-from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus  # noqa: E402
+from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus  # noqa: E402
 
 from app.main import create_app  # noqa: E402
 from shared_data import P002, zip_files  # noqa: E402
@@ -56,6 +57,7 @@ def main() -> int:
         print(f"real CT fixtures not found at {P002}", file=sys.stderr)
         return 2
 
+    logging.basicConfig(level=logging.ERROR)  # the service's skip notes would flood the output
     settings = make_settings(ensure_model(args.model_dir), max_batch_size=4)
     counts: collections.Counter[str] = collections.Counter()
     by_mutator: collections.Counter[str] = collections.Counter()
@@ -65,7 +67,7 @@ def main() -> int:
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         wait_ready(client)
         valid = zip_files([("P002/IM0060.dcm", p002_slice(60))])
-        uploads = mutated_uploads(args.seed, seed_corpus())
+        uploads = mutated_uploads(args.seed, seed_corpus(), series_corpus())
         for i in range(args.count):
             if args.max_seconds and time.perf_counter() - t0 > args.max_seconds:
                 print(f"stopping after {args.max_seconds} s", flush=True)

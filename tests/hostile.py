@@ -111,14 +111,18 @@ def asgi_post(app: FastAPI, headers: dict[str, str], chunks: list[bytes]) -> tup
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
+    asyncio.run(app(diagnose_scope(headers), receive, send))  # type: ignore[arg-type]
+    return sent[0]["status"], read
+
+
+def diagnose_scope(headers: dict[str, str]) -> dict[str, Any]:
+    """The ASGI scope of POST /patients/diagnose with these headers."""
+    return {
         "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
         "scheme": "http", "path": DIAGNOSE, "raw_path": DIAGNOSE.encode(), "query_string": b"",
         "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }  # fmt: skip
-    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
-    return sent[0]["status"], read
 
 
 def sharing_app(predictor: SavedModelPredictor, model_dir: Path, **overrides: object) -> FastAPI:
@@ -487,12 +491,38 @@ def seed_corpus() -> list[tuple[str, str, bytes]]:
     ]
 
 
-def mutated_uploads(seed: int, corpus: list[tuple[str, str, bytes]]) -> Iterator[tuple[str, bytes]]:
-    """An endless seeded stream of (mutation label, zip archive)."""
+def series_corpus() -> list[tuple[str, list[tuple[str, bytes]]]]:
+    """Small real series (3-4 slices), for mutations that matter only between slices:
+    positions, series UIDs, sizes, duplicates."""
+    abdomen = sorted((VARIANTS / "abdomen-no-lung-series").glob("*.dcm"))[:3]
+    return [
+        ("dicom", [(f"P002/IM{i:04d}.dcm", p002_slice(i).read_bytes()) for i in range(58, 62)]),
+        ("tiff", [(f"S/IM{i:05d}.tif", p002_tiff(i)) for i in range(58, 61)]),
+        ("dicom", [(f"A/{p.name}", p.read_bytes()) for p in abdomen]),
+    ]
+
+
+def mutated_uploads(
+    seed: int,
+    corpus: list[tuple[str, str, bytes]],
+    series: list[tuple[str, list[tuple[str, bytes]]]] | None = None,
+) -> Iterator[tuple[str, bytes]]:
+    """An endless seeded stream of (mutation label, zip archive): mostly one mutated file;
+    with `series`, one upload in five is a series with some of its slices mutated."""
     rng = random.Random(seed)
     while True:
-        kind, name, data = rng.choice(corpus)
         compress = rng.random() < 0.5
+        if series and rng.random() < 0.2:
+            kind, members = rng.choice(series)
+            mutator = rng.choice(DICOM_MUTATORS if kind == "dicom" else TIFF_MUTATORS)
+            hit = set(rng.sample(range(len(members)), rng.randint(1, len(members))))
+            mutated = [
+                (name, _repeat(mutator, data, rng) if i in hit else data)
+                for i, (name, data) in enumerate(members)
+            ]
+            yield f"{kind}-series:{mutator.__name__}", zip_files(mutated, compress=compress)
+            continue
+        kind, name, data = rng.choice(corpus)
         if rng.random() < 0.3:  # the container itself
             mutator = rng.choice(ZIP_MUTATORS)
             archive = zip_files([(name, data)], compress=compress)

@@ -16,10 +16,17 @@ from hostile import assert_problem as problem
 from pydantic import ValidationError
 
 from app import guard
+from app.logs import protect_library_logs
 from app.settings import Settings
 from shared_data import needs_data, zip_files
 
 pytestmark = needs_data
+
+
+@pytest.fixture(autouse=True)
+def _production_warning_filters() -> None:
+    protect_library_logs()  # as at the service's start; pytest resets filters per test
+
 
 KEYS = ["first-key-0123456789abcdef", "second-key-fedcba9876543210"]
 

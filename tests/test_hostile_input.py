@@ -5,7 +5,9 @@ keeps answering afterwards."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import struct
 import threading
 import time
@@ -25,6 +27,7 @@ from hostile import (
     PHI_STRINGS,
     asgi_post,
     corrupt_deflate,
+    diagnose_scope,
     dicom_bytes,
     encrypted,
     nested_zip,
@@ -41,9 +44,17 @@ from hostile import (
 )
 from hostile import assert_problem as problem
 
+from app.errors import PROBLEM_BASE
+from app.logs import protect_library_logs
 from shared_data import VARIANTS, needs_data, zip_files
 
 pytestmark = needs_data
+
+
+@pytest.fixture(autouse=True)
+def _production_warning_filters() -> None:
+    protect_library_logs()  # as at the service's start; pytest resets filters per test
+
 
 PHI_DIR = "DOE_JOHN_1970"  # every member of the broken uploads sits in a folder named so
 LIMITS = {
@@ -292,6 +303,52 @@ def test_the_guard_stops_reading_at_the_limit(predictor: Any, test_model_dir: Pa
     # A declared Content-Length over the limit: refused before a single body byte is read.
     status, read = asgi_post(app, {**form, "content-length": str(10 << 20)}, chunks)
     assert (status, read) == (413, 0)
+
+
+def test_too_many_uploads_at_once_get_503_before_their_body_is_read(
+    predictor: Any, test_model_dir: Path
+) -> None:
+    app = sharing_app(predictor, test_model_dir, max_concurrent_uploads=1, retry_after_s=7)
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+
+    async def scenario() -> list[tuple[int, dict[bytes, bytes], str]]:
+        gate, answers = asyncio.Event(), []
+
+        async def call(receive: Any) -> None:
+            sent: list[dict[str, Any]] = []
+
+            async def send(message: dict[str, Any]) -> None:
+                sent.append(message)
+
+            await app(diagnose_scope(headers), receive, send)  # type: ignore[arg-type]
+            body = json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+            answers.append((sent[0]["status"], dict(sent[0]["headers"]), body["type"]))
+
+        reads = 0
+
+        async def slow() -> dict[str, Any]:  # the first upload is still arriving
+            await gate.wait()
+            return {"type": "http.request", "body": b"--b--\r\n", "more_body": False}
+
+        async def counted() -> dict[str, Any]:
+            nonlocal reads
+            reads += 1
+            return {"type": "http.request", "body": b"--b--\r\n", "more_body": False}
+
+        first = asyncio.create_task(call(slow))
+        await asyncio.sleep(0.05)
+        await call(counted)  # while the first is in progress
+        assert reads == 0
+        gate.set()
+        await first
+        await call(counted)  # after it: through the door again
+        return answers
+
+    # (The app's lifespan is not run here: past the door, the route says "not ready".)
+    (busy, headers_, busy_type), (_, _, first), (_, _, later) = asyncio.run(scenario())
+    assert (busy, busy_type) == (503, f"{PROBLEM_BASE}queue-full")
+    assert headers_[b"retry-after"] == b"7"
+    assert first == later == f"{PROBLEM_BASE}not-ready"
 
 
 # --- zip bombs ----------------------------------------------------------------------------------
