@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -28,6 +29,11 @@ from app.errors import QueueFullError
 from app.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Served weights never change, so oneDNN may keep its reordered (blocked) copy of each
+# kernel instead of reordering on every call: ~25 % faster at batch 1 on a CPU. Read when
+# TensorFlow builds its kernels, so it must be set before the model is loaded.
+os.environ.setdefault("TF_ONEDNN_ASSUME_FROZEN_WEIGHTS", "1")
 
 
 def configure_devices(device: str = "auto", *, memory_growth: bool = True) -> str:

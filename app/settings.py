@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     gpu_memory_growth: bool = Field(
         True, description="allocate GPU memory as needed instead of all of it at start"
     )
-    max_batch_size: int = Field(4, ge=1, le=256, description="slices per model call")
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="slices per model call (dynamic batching across requests)"
+    )
     max_queue_delay_ms: float = Field(
         5.0, ge=0, le=1000, description="how long a partial batch waits for more slices"
     )
