@@ -14,22 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.diagnosis import judge_patient, judge_series
-from app.domain import PatientResult, Series, SeriesResult, Study
+from app.domain import PatientResult, SeriesResult, Study
 from app.inference import InferenceEngine
 from app.ingest import ingest_zip
-from app.selection import select_open_lung
+from app.selection import select_with_settings
 from app.settings import Settings
-
-
-def _select(series: Series, settings: Settings):
-    return select_open_lung(
-        series.pixels,
-        dark_value=settings.dark_value,
-        roi_rows=settings.roi_rows,
-        roi_cols=settings.roi_cols,
-        divisor=settings.threshold_divisor,
-        min_lung_pixels=settings.min_lung_pixels,
-    )
 
 
 async def diagnose_study(
@@ -38,7 +27,9 @@ async def diagnose_study(
     """Select, infer and judge every series of an ingested study."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    selections = await run_in_threadpool(lambda: [_select(s, settings) for s in study.series])
+    selections = await run_in_threadpool(
+        lambda: [select_with_settings(s.pixels, settings) for s in study.series]
+    )
     timings["select"] = _observe("select", t0)
 
     t0 = time.perf_counter()

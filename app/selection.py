@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from app.domain import Selection
+from app.settings import Settings
 
 # The paper's constants; the service passes its validated settings (same defaults).
 DARK_VALUE = 300
@@ -57,4 +58,16 @@ def select_open_lung(
         threshold=threshold,
         mask=counts > threshold,
         has_lung=bool(counts.max() >= min_lung_pixels),
+    )
+
+
+def select_with_settings(stack: np.ndarray, settings: Settings) -> Selection:
+    """The rule with the service's validated settings (the service and `models evaluate`)."""
+    return select_open_lung(
+        stack,
+        dark_value=settings.dark_value,
+        roi_rows=settings.roi_rows,
+        roi_cols=settings.roi_cols,
+        divisor=settings.threshold_divisor,
+        min_lung_pixels=settings.min_lung_pixels,
     )

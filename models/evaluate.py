@@ -10,7 +10,7 @@ precision TP / (TP + FP); overall accuracy = correct / all. COVID is the positiv
 the headline numbers; the ROC curve and its AUC come from the covid probability.
 
 Patient level (paper Table 6): every series of `<class>/<patient>/<series>/*.tif` goes
-through the service's own open-lung rule (app.selection.select_open_lung, with the
+through the service's own open-lung rule (app.selection.select_with_settings, with the
 service's settings) and only the selected slices are scored; each series is judged by
 app.diagnosis.judge_series, the patient by judge_patient, at t = 0 (the paper's
 "threshold 1"), t = 0.1 and a sweep of t. A patient the service would call
@@ -35,7 +35,7 @@ import numpy as np
 from app.contract import CLASS_NAMES, COVID_CLASS, ModelCard
 from app.diagnosis import SLICE_COVID_CUTOFF, judge_patient, judge_series
 from app.domain import Selection, Verdict
-from app.selection import select_open_lung
+from app.selection import select_with_settings
 from app.settings import Settings
 from models import data as datasets
 from models.data import LabeledSlice, PatientFolder
@@ -199,14 +199,7 @@ def _score_series(
     folder: Path, predict: Predict, settings: Settings, batch_size: int
 ) -> SeriesScore:
     stack = datasets.read_series(folder)
-    selection = select_open_lung(
-        stack,
-        dark_value=settings.dark_value,
-        roi_rows=settings.roi_rows,
-        roi_cols=settings.roi_cols,
-        divisor=settings.threshold_divisor,
-        min_lung_pixels=settings.min_lung_pixels,
-    )
+    selection = select_with_settings(stack, settings)
     # As the service does: a series without open lung is not sent to the model.
     selected = stack[selection.mask] if selection.has_lung else stack[:0]
     batches = datasets.as_batches(selected, batch_size)
