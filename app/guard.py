@@ -36,7 +36,9 @@ def api_key_valid(given: str | None, settings: Settings) -> bool:
     """
     if not settings.api_keys:
         return True
-    digest = hashlib.sha256((given or "").encode("utf-8", "replace")).digest()
+    # Header values arrive decoded as latin-1: encoding back gives the bytes the client sent
+    # (UTF-8 for a non-ASCII key), comparable with the configured key's UTF-8.
+    digest = hashlib.sha256((given or "").encode("latin-1", "replace")).digest()
     matched = [
         hmac.compare_digest(digest, hashlib.sha256(key.get_secret_value().encode()).digest())
         for key in settings.api_keys

@@ -72,7 +72,12 @@ def main() -> int:
             if args.max_seconds and time.perf_counter() - t0 > args.max_seconds:
                 print(f"stopping after {args.max_seconds} s", flush=True)
                 break
-            label, archive = next(uploads)
+            try:
+                label, archive = next(uploads)
+            except Exception as e:  # a bug of the mutators: report what ran so far
+                print(f"input generator failed at {i}: {e!r}", flush=True)
+                failures += 1
+                break
             start = time.perf_counter()
             try:
                 response = post(client, archive, patient_id=f"FUZZ-{i}")

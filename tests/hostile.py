@@ -450,7 +450,8 @@ def tiff_ifd(data: bytes, rng: random.Random) -> bytes:
         return bytes(out)
     count = struct.unpack_from(e + "H", out, ifd)[0]
     if rng.random() < 0.1 or count == 0:
-        struct.pack_into(e + "H", out, ifd, rng.choice((0, 1, 0xFFFF, count + 1, count * 50)))
+        new_count = rng.choice((0, 1, 0xFFFF, count + 1, count * 50)) & 0xFFFF
+        struct.pack_into(e + "H", out, ifd, new_count)
         return bytes(out)
     entry = ifd + 2 + 12 * rng.randrange(count)
     if entry + 12 > len(out):
