@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fastapi.testclient import TestClient  # noqa: E402
-from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus  # noqa: E402
 
 from app.main import create_app  # noqa: E402
+from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus  # noqa: E402
 from shared_data import P002, zip_files  # noqa: E402
 from support import make_settings, wait_ready  # noqa: E402
 

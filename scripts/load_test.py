@@ -6,8 +6,10 @@ answer must echo both and hold exactly its own slices (no mixed-up results). Bro
 uploads (not a zip, a 1 GiB zip bomb, a corrupt member, a nested zip, an encrypted member,
 an oversized upload announced with Expect: 100-continue) must get their problem type.
 Overload must be 503 with Retry-After. Afterwards: every request answered, the server's
-memory back near where it started, /health 200, and its JSON log free of the patient data
-planted in member names, with one audit line per diagnosis.
+memory back near where it started (within --memory-slack-mib; the load runs in --rounds
+phases and the memory must not keep growing from one to the next: allocator pools plateau,
+a leak grows), /health 200, and its JSON log free of the patient data planted in member
+names, with one audit line per diagnosis.
 
 Usage: .venv/bin/python scripts/load_test.py [--model-dir DIR] [--seconds 120]
        [--clients 16] [--max-queue-slices 8]
@@ -41,7 +43,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from hostile import corrupt_deflate, encrypted, zip_bomb  # noqa: E402
-
 from shared_data import P002, zip_files  # noqa: E402
 
 HOST = "127.0.0.1"  # loopback only
@@ -285,7 +286,13 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=120.0)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--max-queue-slices", type=int, default=8)
-    parser.add_argument("--memory-slack-mib", type=float, default=256.0)
+    parser.add_argument("--rounds", type=int, default=3, help="load phases, memory after each")
+    parser.add_argument(
+        "--memory-slack-mib", type=float, default=256.0, help="allowed RSS above the start"
+    )
+    parser.add_argument(
+        "--round-growth-mib", type=float, default=48.0, help="allowed RSS growth after round 1"
+    )
     args = parser.parse_args()
     if not P002.is_dir():
         print(f"real CT fixtures not found at {P002}", file=sys.stderr)
@@ -309,18 +316,11 @@ def main() -> int:
         rss_start = settle(sampler, 3.0)
         sampler.peak = rss_start
         sampler.start()
-        deadline = time.monotonic() + args.seconds
-        threads = [
-            threading.Thread(target=client_loop, args=(n, base, port, deadline, tally, broken))
-            for n in range(args.clients)
-        ]
-        t0 = time.monotonic()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.monotonic() - t0
-        rss_after = settle(sampler)
+        wall, rss_rounds = 0.0, []
+        for _ in range(args.rounds):  # memory after each: a leak grows, a plateau does not
+            wall += run_clients(args, base, port, tally, broken, args.seconds / args.rounds)
+            rss_rounds.append(settle(sampler, 5.0))
+        rss_after = rss_rounds[-1]
         sampler.stop.set()
         healthy = requests.get(f"{base}/health", timeout=10).status_code == 200
     finally:
@@ -328,11 +328,39 @@ def main() -> int:
         server.wait(60)
     tally.failures += scan_log(log, tally.diagnoses + warm.diagnoses)
     report(args, tally, wall, rss_start, sampler.peak, rss_after, healthy)
+    growth = rss_rounds[-1] - rss_rounds[0]
+    print("server RSS after each round: "
+          + ", ".join(f"{r / 2**20:.0f}" for r in rss_rounds)
+          + f" MiB ({growth / 2**20:+.0f} MiB from the first round to the last)")  # fmt: skip
     lost = tally.sent - tally.answered
-    memory_ok = rss_after - rss_start <= args.memory_slack_mib * 2**20
+    memory_ok = (
+        rss_after - rss_start <= args.memory_slack_mib * 2**20
+        and growth <= args.round_growth_mib * 2**20
+    )
     ok = not tally.failures and lost == 0 and healthy and memory_ok
     print("RESULT:", "PASS" if ok else "FAIL")
     return 0 if ok else 1
+
+
+def run_clients(
+    args: argparse.Namespace,
+    base: str,
+    port: int,
+    tally: Tally,
+    broken: dict[str, bytes],
+    seconds: float,
+) -> float:
+    deadline = time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=client_loop, args=(n, base, port, deadline, tally, broken))
+        for n in range(args.clients)
+    ]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - t0
 
 
 def client_loop_once(

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from hostile import DIAGNOSE, asgi_post, p002_slice, post, sharing_app, started
-from hostile import assert_problem as problem
 from pydantic import ValidationError
 
 from app import guard
 from app.logs import protect_library_logs
 from app.settings import Settings
+from hostile import DIAGNOSE, asgi_post, p002_slice, post, sharing_app, started
+from hostile import assert_problem as problem
 from shared_data import needs_data, zip_files
 
 pytestmark = needs_data

@@ -13,9 +13,9 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus
 
 from app.logs import protect_library_logs
+from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus
 from shared_data import needs_data, zip_files
 
 pytestmark = needs_data

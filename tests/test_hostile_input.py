@@ -22,6 +22,9 @@ import psutil
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+
+from app.errors import PROBLEM_BASE
+from app.logs import protect_library_logs
 from hostile import (
     DIAGNOSE,
     PHI_STRINGS,
@@ -43,9 +46,6 @@ from hostile import (
     zip_by_hand,
 )
 from hostile import assert_problem as problem
-
-from app.errors import PROBLEM_BASE
-from app.logs import protect_library_logs
 from shared_data import VARIANTS, needs_data, zip_files
 
 pytestmark = needs_data

@@ -21,6 +21,9 @@ import numpy as np
 import pydicom
 import pytest
 from fastapi.testclient import TestClient
+from pydicom import config as dicom_config
+
+from app.logs import UNTRUSTED_LOGGERS, configure_logging, patient_hash, protect_library_logs
 from hostile import (
     PHI_NAME,
     PHI_STRINGS,
@@ -32,9 +35,6 @@ from hostile import (
     synthetic_ct,
     tiff_bytes,
 )
-from pydicom import config as dicom_config
-
-from app.logs import UNTRUSTED_LOGGERS, configure_logging, patient_hash, protect_library_logs
 from shared_data import needs_data, zip_files
 
 pytestmark = needs_data
