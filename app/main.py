@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app import __version__, metrics
 from app.api import router
 from app.contract import ModelCard
+from app.guard import UploadGuardMiddleware
 from app.inference import InferenceEngine, load_engine
 from app.logs import configure_logging
 from app.problems import RequestContextMiddleware, install_problem_handlers
@@ -85,6 +86,9 @@ def create_app(settings: Settings | None = None, loader: EngineLoader = load_eng
     app.dependency_overrides[get_settings] = lambda: settings
     app.include_router(router)
     install_problem_handlers(app)
+    # API key, upload size and concurrency, checked before the diagnose body is read;
+    # inside the request-context middleware, so its answers carry the request id.
+    app.add_middleware(UploadGuardMiddleware, settings=lambda: settings)
     app.add_middleware(RequestContextMiddleware)
     return app
 

@@ -22,7 +22,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app import metrics
 from app.errors import PROBLEM_BASE, CovidCTError, QueueFullError
 from app.logs import request_id_var
-from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
@@ -88,15 +87,7 @@ def _unexpected() -> JSONResponse:
 
 
 def install_problem_handlers(app: FastAPI) -> None:
-    """Exception handlers, and the upload guard (API key, size and concurrency checks made
-    before the diagnose body is read), which answers with the same problem bodies."""
-    from app.guard import UploadGuardMiddleware  # the guard builds its answers here
-
-    def settings() -> Settings:
-        # The settings the routes see (create_app overrides the dependency).
-        return app.dependency_overrides.get(get_settings, get_settings)()
-
-    app.add_middleware(UploadGuardMiddleware, settings=settings)
+    """Exception handlers: every failure leaves as problem+json."""
     app.add_exception_handler(CovidCTError, _covidct_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
