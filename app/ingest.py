@@ -44,6 +44,7 @@ protect_library_logs()
 
 SIZE = 512  # slices leave ingest as SIZE × SIZE
 OFFSET = 1024  # stored value = HU + OFFSET
+_MAX_SLOPE, _MAX_INTERCEPT = 1e3, 1e5  # CT uses slope ~1 and intercept ~−1024 or 0
 _MAX_SIDE = 4096  # a larger image is no CT slice (and may be a decompression bomb)
 _RATIO_MIN_BYTES = 1 << 20  # smaller members are bounded by the total size limit alone
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
@@ -278,6 +279,9 @@ def _decode_dicom(index: int, name: str, ds: Dataset, settings: Settings) -> lis
             _number(_lookup(ds, groups, "PixelValueTransformationSequence", k), default)
             for k, default in (("RescaleSlope", 1), ("RescaleIntercept", 0))
         )
+        if not (0 < abs(slope) <= _MAX_SLOPE and abs(intercept) <= _MAX_INTERCEPT):
+            # finite but absurd (a corrupt header): would overflow the HU conversion
+            raise _Skip(_CORRUPT, "RescaleSlope or RescaleIntercept outside any CT range")
         position, axis = _project(
             _lookup(ds, groups, "PlanePositionSequence", "ImagePositionPatient"),
             _lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient"),

@@ -299,6 +299,13 @@ def test_slope_is_applied() -> None:
     np.testing.assert_array_equal(series.pixels[0], np.clip(2 * values.astype(int) - 1024, 0, None))
 
 
+@pytest.mark.parametrize(("slope", "intercept"), [("1e300", "-1024"), ("0", "-1024"), ("1", "1e9")])
+def test_absurd_rescale_is_a_corrupt_member(slope: str, intercept: str) -> None:
+    values = np.full((512, 512), 1000, np.uint16)
+    with pytest.raises(CorruptMemberError):
+        ingest([("a.dcm", ct(values, intercept=intercept, slope=slope))])
+
+
 def test_monochrome1_is_inverted() -> None:
     hu = hu_image()
     m2 = ct((hu + 1024).astype(np.uint16))
