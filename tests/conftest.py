@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.logs import protect_library_logs
 from app.main import create_app
 from support import WIDE_HEAD_STD, make_settings, wait_ready
 
@@ -32,3 +33,9 @@ def client(test_model_dir: Path) -> Iterator[TestClient]:
     with TestClient(app) as c:
         wait_ready(c)
         yield c
+
+
+@pytest.fixture
+def production_warning_filters() -> None:
+    """The service's warning filters (set at its start); pytest resets filters per test."""
+    protect_library_logs()

@@ -14,18 +14,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from app import guard
-from app.logs import protect_library_logs
 from app.settings import Settings
 from hostile import DIAGNOSE, asgi_post, p002_slice, post, sharing_app, started
 from hostile import assert_problem as problem
 from shared_data import needs_data, zip_files
 
-pytestmark = needs_data
-
-
-@pytest.fixture(autouse=True)
-def _production_warning_filters() -> None:
-    protect_library_logs()  # as at the service's start; pytest resets filters per test
+pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
 
 KEYS = ["first-key-0123456789abcdef", "second-key-fedcba9876543210"]

@@ -14,16 +14,10 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-from app.logs import protect_library_logs
 from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus
 from shared_data import needs_data, zip_files
 
-pytestmark = needs_data
-
-
-@pytest.fixture(autouse=True)
-def _production_warning_filters() -> None:
-    protect_library_logs()  # as at the service's start; pytest resets filters per test
+pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
 
 SEED = int(os.environ.get("COVIDCT_FUZZ_SEED", "20260611"))

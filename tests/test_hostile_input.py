@@ -24,7 +24,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.errors import PROBLEM_BASE
-from app.logs import protect_library_logs
 from hostile import (
     DIAGNOSE,
     PHI_STRINGS,
@@ -48,12 +47,7 @@ from hostile import (
 from hostile import assert_problem as problem
 from shared_data import VARIANTS, needs_data, zip_files
 
-pytestmark = needs_data
-
-
-@pytest.fixture(autouse=True)
-def _production_warning_filters() -> None:
-    protect_library_logs()  # as at the service's start; pytest resets filters per test
+pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
 
 PHI_DIR = "DOE_JOHN_1970"  # every member of the broken uploads sits in a folder named so

@@ -21,17 +21,11 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
-from app.logs import protect_library_logs
 from app.main import create_app
 from app.settings import Settings
 from shared_data import needs_data
 
-pytestmark = needs_data
-
-
-@pytest.fixture(autouse=True)
-def _production_warning_filters() -> None:
-    protect_library_logs()  # as at the service's start; pytest resets filters per test
+pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
 
 MAX_EXAMPLES = 50
