@@ -150,6 +150,17 @@ class InferenceEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="covidct-inference", daemon=True)
 
+    @classmethod
+    def from_settings(cls, predictor: SavedModelPredictor, settings: Settings) -> InferenceEngine:
+        """An engine with the batching and queue bounds of the settings."""
+        return cls(
+            predictor,
+            max_batch_size=settings.max_batch_size,
+            max_queue_delay_ms=settings.max_queue_delay_ms,
+            max_queue_slices=settings.max_queue_slices,
+            retry_after_s=settings.retry_after_s,
+        )
+
     @property
     def card(self) -> contract.ModelCard:
         return self.predictor.card
@@ -309,12 +320,6 @@ def load_engine(settings: Settings) -> InferenceEngine:
     logger.info(
         "model loaded", extra={"seconds": round(time.perf_counter() - t0, 2), "device": device}
     )
-    engine = InferenceEngine(
-        predictor,
-        max_batch_size=settings.max_batch_size,
-        max_queue_delay_ms=settings.max_queue_delay_ms,
-        max_queue_slices=settings.max_queue_slices,
-        retry_after_s=settings.retry_after_s,
-    )
+    engine = InferenceEngine.from_settings(predictor, settings)
     engine.warm_up(settings.warmup_sizes)
     return engine

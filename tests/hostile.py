@@ -131,13 +131,7 @@ def sharing_app(predictor: SavedModelPredictor, model_dir: Path, **overrides: ob
     settings = make_settings(model_dir, **overrides)
 
     def loader(s: Any) -> InferenceEngine:
-        return InferenceEngine(
-            predictor,
-            max_batch_size=s.max_batch_size,
-            max_queue_delay_ms=s.max_queue_delay_ms,
-            max_queue_slices=s.max_queue_slices,
-            retry_after_s=s.retry_after_s,
-        )
+        return InferenceEngine.from_settings(predictor, s)
 
     return create_app(settings, loader=loader)
 
