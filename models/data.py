@@ -22,7 +22,7 @@ import csv
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,14 +185,8 @@ def read_fold_csv(csv_path: str | Path, images_dir: str | Path) -> list[LabeledS
 def read_class_folders(root: str | Path) -> list[LabeledSlice]:
     """`<root>/covid/**.tif` and `<root>/normal/**.tif` (folder names in any case)."""
     folder = Path(root)
-    if not folder.is_dir():
-        raise DatasetError(f"folder not found. Received: {folder}")
     samples = []
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        label = class_index(sub.name)
-        if label is None:
-            logger.warning("skipped folder %s: not a class name %s", sub.name, CLASS_NAMES)
-            continue
+    for sub, label in _class_folders(folder, "folder"):
         files = sorted(_tiffs(sub, recursive=True), key=lambda p: natural_key(str(p)))
         samples += [LabeledSlice(p, label) for p in files]
     if not samples:
@@ -204,14 +198,8 @@ def find_patients(root: str | Path) -> list[PatientFolder]:
     """`<root>/<class>/<patient>/<series>/*.tif`; a patient folder holding TIFFs itself is
     one series."""
     base = Path(root)
-    if not base.is_dir():
-        raise DatasetError(f"patients folder not found. Received: {base}")
     patients = []
-    for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        label = class_index(class_dir.name)
-        if label is None:
-            logger.warning("skipped folder %s: not a class name %s", class_dir.name, CLASS_NAMES)
-            continue
+    for class_dir, label in _class_folders(base, "patients folder"):
         for patient in sorted(
             (p for p in class_dir.iterdir() if p.is_dir()), key=lambda p: natural_key(p.name)
         ):
@@ -226,6 +214,18 @@ def find_patients(root: str | Path) -> list[PatientFolder]:
     if not patients:
         raise DatasetError(f"no <class>/<patient>/<series>/*.tif under {base}")
     return patients
+
+
+def _class_folders(root: Path, what: str) -> Iterator[tuple[Path, int]]:
+    """(sub-folder, class index) for each sub-folder named after a class; others are skipped."""
+    if not root.is_dir():
+        raise DatasetError(f"{what} not found. Received: {root}")
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = class_index(sub.name)
+        if label is None:
+            logger.warning("skipped folder %s: not a class name %s", sub.name, CLASS_NAMES)
+            continue
+        yield sub, label
 
 
 def keep_patients(patients: Sequence[PatientFolder], names: Iterable[str]) -> list[PatientFolder]:
