@@ -42,6 +42,16 @@ logger = logging.getLogger(__name__)
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 protect_library_logs()
 
+try:  # pydicom prefers GDCM for JPEG Lossless when it is installed: ~1.5× pylibjpeg here
+    import gdcm
+except ImportError:  # pylibjpeg decodes every syntax the service takes on its own
+    gdcm = None
+else:
+    # GDCM writes its messages straight to stderr, past the redacting log handlers.
+    gdcm.Trace.WarningOff()
+    gdcm.Trace.ErrorOff()
+    gdcm.Trace.DebugOff()
+
 SIZE = 512  # slices leave ingest as SIZE × SIZE
 OFFSET = 1024  # stored value = HU + OFFSET
 _MAX_SLOPE, _MAX_INTERCEPT = 1e3, 1e5  # CT uses slope ~1 and intercept ~−1024 or 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,11 @@ from app.main import create_app
 from support import WIDE_HEAD_STD, make_settings, wait_ready
 
 TEST_SEED = 0
+
+# This process trains, folds and compares models in eager Keras, where oneDNN's frozen-
+# weights cache would hand one layer's weights to another of the same shape. The service
+# turns it on in load_engine; test_inference checks that mode in a process of its own.
+os.environ["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = "0"
 
 
 @pytest.fixture(scope="session")

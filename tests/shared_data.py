@@ -37,6 +37,4 @@ def zip_files(files: Iterable[tuple[str, bytes | Path]], compress: bool = False)
 
 def zip_dirs(*dirs: Path, pattern: str = "*.dcm") -> bytes:
     """Zip each folder's files under a folder of the same name."""
-    return zip_files(
-        (f"{d.name}/{p.name}", p) for d in dirs for p in sorted(d.glob(pattern))
-    )
+    return zip_files((f"{d.name}/{p.name}", p) for d in dirs for p in sorted(d.glob(pattern)))

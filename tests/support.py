@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi.testclient import TestClient
@@ -47,3 +48,24 @@ def ct_like_slices(n: int, seed: int = 0) -> np.ndarray:
         img = np.where(body & (lung < 1), rng.uniform(50, 400), img)
         out[i, ..., 0] = np.clip(img, 0, 3000)
     return out
+
+
+def give_trained_statistics(model: Any, seed: int = 0) -> Any:
+    """Set every BatchNormalization's γ, β, μ, σ² (and conv biases) away from their init.
+
+    An untrained BN is the identity up to 1/√(1 + ε): folding it would test almost
+    nothing. Trained statistics make the folded and the unfolded graphs really differ.
+    """
+    import keras  # only the models/ tests need it
+
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
+            layer.beta.assign(rng.normal(0, 0.1, n).astype(np.float32))
+            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype(np.float32))
+            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
+        elif isinstance(layer, keras.layers.Conv2D) and layer.use_bias:
+            layer.bias.assign(rng.normal(0, 0.05, layer.bias.shape).astype(np.float32))
+    return model

@@ -23,7 +23,7 @@ from models.export import (
     untrained_card,
     verify_saved_model,
 )
-from support import WIDE_HEAD_STD, ct_like_slices
+from support import WIDE_HEAD_STD, ct_like_slices, give_trained_statistics
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Exported:
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
-    """A seeded model with a wide head (outputs vary), exported without the built-in check."""
-    model = build_fpn_resnet50v2(head_init_std=WIDE_HEAD_STD, seed=0)
+    """A seeded model with a wide head (outputs vary) and trained-like BN statistics (so the
+    export's folding is really exercised), exported without the built-in check."""
+    model = give_trained_statistics(build_fpn_resnet50v2(head_init_std=WIDE_HEAD_STD, seed=0))
     card = untrained_card(seed=0, head_init_std=WIDE_HEAD_STD, version="test-wide-head")
     path = tmp_path_factory.mktemp("export") / "seeded"
     started = time.perf_counter()
@@ -74,7 +75,7 @@ def test_signature_keeps_the_contract(exported: Exported) -> None:
 def test_saved_model_matches_keras(exported: Exported, batch: np.ndarray) -> None:
     expected = exported.model.predict_on_batch(batch)
     # First: the outputs must vary, or agreement would prove nothing.
-    assert np.ptp(expected[:, 0]) > 0.05, expected
+    assert np.ptp(expected[:, 0]) > 0.02, expected  # 2000× the tolerance below
     out = serve(exported.fn, batch)
     np.testing.assert_allclose(out["probabilities"], expected, atol=1e-5)
     np.testing.assert_array_equal(out["covid_probability"], out["probabilities"][:, 0])
@@ -82,7 +83,7 @@ def test_saved_model_matches_keras(exported: Exported, batch: np.ndarray) -> Non
 
 def test_batch_of_one_matches_batch_of_three(exported: Exported, batch: np.ndarray) -> None:
     together = serve(exported.fn, batch)["covid_probability"]
-    assert np.ptp(together) > 0.05, together
+    assert np.ptp(together) > 0.02, together
     alone = np.concatenate(
         [serve(exported.fn, batch[i : i + 1])["covid_probability"] for i in range(3)]
     )
@@ -98,6 +99,8 @@ def test_card_says_untrained(exported: Exported) -> None:
     assert card.model_extra == {
         "seed": 0,
         "head_init_std": WIDE_HEAD_STD,
+        "folded_batch_norms": 32,
+        "fused_batch_norms": 17,
         "tensorflow_version": tf.__version__,
     }
 

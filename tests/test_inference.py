@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,6 +15,19 @@ import pytest
 from app.errors import QueueFullError
 from app.inference import InferenceEngine, SavedModelPredictor
 from support import ct_like_slices
+
+ROOT = Path(__file__).resolve().parents[1]
+# A fresh process that serves as the service does (load_engine turns on oneDNN's frozen-
+# weights cache) and prints its probabilities for the same slices, alone and batched.
+SERVING_PROCESS = """
+import json, sys, numpy as np
+from app.inference import load_engine
+from app.settings import Settings
+engine = load_engine(Settings(_env_file=None, model_dir=sys.argv[1], max_batch_size=4))
+x = np.load(sys.argv[2]).astype(np.float32)[..., None]
+alone = np.concatenate([engine.predictor(x[i : i + 1]) for i in range(len(x))])
+print(json.dumps({"alone": alone.tolist(), "batched": engine.predictor(x).tolist()}))
+"""
 
 
 class RecordingPredictor:
@@ -73,6 +89,22 @@ def test_single_slice_equals_batched(predictor: SavedModelPredictor, slices: np.
     one = [predictor(slices[i : i + 1].astype(np.float32)[..., None])[0] for i in range(3)]
     batched = predictor(slices[:3].astype(np.float32)[..., None])
     np.testing.assert_allclose(batched, one, atol=1e-5)
+
+
+def test_frozen_weights_mode_of_the_service_gives_the_same_probabilities(
+    predictor: SavedModelPredictor, slices: np.ndarray, tmp_path: Path
+) -> None:
+    np.save(tmp_path / "x.npy", slices[:4])
+    expected = predictor(slices[:4, ..., None].astype(np.float32))
+    assert np.ptp(expected) > 0.05, expected
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}  # no frozen-weights setting
+    out = subprocess.run(
+        [sys.executable, "-c", SERVING_PROCESS, str(predictor.model_dir), str(tmp_path / "x.npy")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=True,
+    )  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(got["alone"], expected, atol=1e-5)
+    np.testing.assert_allclose(got["batched"], expected, atol=1e-5)
 
 
 def test_full_queue_refuses_with_retry_after(slices: np.ndarray) -> None:

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.pixels import pixel_array
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from app.domain import Study
@@ -143,6 +144,15 @@ def test_p002_pixels_are_the_stored_values(p002: Study, i: int) -> None:
     # RescaleIntercept −1024, slope 1: the stored values already are HU + 1024.
     expected = stored(P002 / f"IM{i + 1:04d}.dcm")
     np.testing.assert_array_equal(p002.series[0].pixels[i], expected)
+
+
+@needs_data
+def test_gdcm_and_pylibjpeg_decode_every_p002_slice_alike(p002: Study) -> None:
+    """Ingest decodes with GDCM when it is installed; pylibjpeg is the independent check."""
+    pytest.importorskip("gdcm", reason="python-gdcm not installed")
+    for i, path in enumerate(sorted(P002.glob("*.dcm"))):
+        reference = pixel_array(path, decoding_plugin="pylibjpeg")
+        np.testing.assert_array_equal(p002.series[0].pixels[i], reference, err_msg=str(i))
 
 
 @needs_data

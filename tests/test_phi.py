@@ -213,3 +213,13 @@ def test_library_loggers_and_warnings_are_redacted(captured: Capture) -> None:
     )
     captured.assert_clean()
     assert "UserWarning" in captured.json_lines.getvalue()
+
+
+def test_gdcm_writes_nothing_to_stderr() -> None:
+    """GDCM (the preferred JPEG Lossless decoder) prints past logging: ingest turns it off."""
+    gdcm = pytest.importorskip("gdcm", reason="python-gdcm not installed")
+    import app.ingest  # noqa: F401  (configures GDCM on import)
+
+    assert not gdcm.Trace.GetWarningFlag()
+    assert not gdcm.Trace.GetErrorFlag()
+    assert not gdcm.Trace.GetDebugFlag()
