@@ -271,11 +271,20 @@ def sweep(
 # --- the model ---------------------------------------------------------------------------------
 
 
-def saved_model_predictor(model_dir: str | Path) -> tuple[Predict, ModelCard]:
-    """The SavedModel as the service loads and calls it (GPU where there is one)."""
-    from app.inference import SavedModelPredictor, configure_devices
+def saved_model_predictor(
+    model_dir: str | Path, *, mixed_precision: bool = False
+) -> tuple[Predict, ModelCard]:
+    """The SavedModel as the service loads and calls it (GPU where there is one).
 
-    predictor = SavedModelPredictor(model_dir, configure_devices("auto"))
+    With `mixed_precision`, as the service runs with COVIDCT_MIXED_PRECISION=true (bf16 on
+    a CPU, float16 on a GPU): evaluate that mode before turning it on in production.
+    """
+    from app.inference import SavedModelPredictor, configure_devices, enable_mixed_precision
+
+    device = configure_devices("auto")
+    if mixed_precision:
+        logger.warning("evaluating in reduced precision (%s)", enable_mixed_precision(device))
+    predictor = SavedModelPredictor(model_dir, device)
     return predictor, predictor.card
 
 
@@ -509,6 +518,12 @@ def add_command(subparsers: Any) -> None:
         action="store_true",
         help="also write the headline metrics into the SavedModel's model card",
     )
+    p.add_argument(
+        "--mixed-precision",
+        action="store_true",
+        help="run the model as COVIDCT_MIXED_PRECISION=true does (bf16 on CPU, fp16 on GPU), "
+        "to compare with the default fp32 report before turning that mode on",
+    )
     p.set_defaults(run=run_command)
 
 
@@ -519,6 +534,9 @@ def run_command(args: argparse.Namespace) -> int:
     if bool(args.csv_dir) != bool(args.images):
         logger.error("--csv-dir and --images go together")
         return 2
+    if args.mixed_precision and args.update_card:
+        logger.error("the card's metrics describe the default fp32 mode: no --update-card here")
+        return 2
     try:
         slice_samples = None
         if args.csv_dir:
@@ -528,7 +546,7 @@ def run_command(args: argparse.Namespace) -> int:
         if patient_folders and args.patient_list:
             names = args.patient_list.read_text().splitlines()
             patient_folders = datasets.keep_patients(patient_folders, names)
-        predict, card = saved_model_predictor(args.model)
+        predict, card = saved_model_predictor(args.model, mixed_precision=args.mixed_precision)
     except (ValueError, OSError) as e:  # bad layout, or no SavedModel with a card there
         logger.error("%s", e)
         return 1

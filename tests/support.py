@@ -51,21 +51,32 @@ def ct_like_slices(n: int, seed: int = 0) -> np.ndarray:
 
 
 def give_trained_statistics(model: Any, seed: int = 0) -> Any:
-    """Set every BatchNormalization's γ, β, μ, σ² (and conv biases) away from their init.
+    """Give every BatchNormalization statistics like training leaves them; also γ, β, biases.
 
     An untrained BN is the identity up to 1/√(1 + ε): folding it would test almost
-    nothing. Trained statistics make the folded and the unfolded graphs really differ.
+    nothing. Here γ, β and the conv biases are drawn at random, then one training-mode
+    pass over CT-like slices (momentum 0) sets each moving mean and variance to what the
+    layer really sees, so activations stay normalised, as in a trained network, instead
+    of growing through the residual stream.
     """
-    import keras  # only the models/ tests need it
+    import keras  # only the models/ tests and the benchmark need it
 
     rng = np.random.default_rng(seed)
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
     for layer in model.layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.moving_mean.shape[0]
-            layer.gamma.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
+            layer.gamma.assign(rng.uniform(0.8, 1.2, n).astype(np.float32))
             layer.beta.assign(rng.normal(0, 0.1, n).astype(np.float32))
-            layer.moving_mean.assign(rng.normal(0, 0.1, n).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 1.5, n).astype(np.float32))
         elif isinstance(layer, keras.layers.Conv2D) and layer.use_bias:
             layer.bias.assign(rng.normal(0, 0.05, layer.bias.shape).astype(np.float32))
+    size = int(model.input_shape[1])
+    crop = (512 - size) // 2
+    slices = ct_like_slices(4, seed=seed)[:, crop : crop + size, crop : crop + size]
+    momenta = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(slices, training=True)
+    for layer, momentum in zip(norms, momenta, strict=True):
+        layer.momentum = momentum
     return model

@@ -288,3 +288,14 @@ def test_the_service_never_imports_the_offline_package():
         check=True,
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_reduced_precision_metrics_never_go_into_the_card(tmp_path, caplog):
+    """The card's metrics describe the default fp32 mode: refused before anything loads."""
+    from models.__main__ import main
+
+    args = ["evaluate", str(tmp_path / "no-model"), "--out", str(tmp_path / "report")]
+    args += ["--patients", str(tmp_path), "--mixed-precision", "--update-card"]
+    assert main(args) == 2
+    assert "no --update-card here" in caplog.text
+    assert not (tmp_path / "report").exists()
