@@ -4,8 +4,8 @@ The SavedModel holds one signature, `serving_default`: input `slices` float32
 [N, 512, 512, 1] raw stored values; outputs `covid_probability` [N] and `probabilities`
 [N, 2] (app/contract.py). The model card goes in `assets/`. The weights are stored once
 (about 136 MB for 34.06 M float32 values): `keras.Model.export` would store them twice.
-Batch normalisation is rewritten for inference first (models/folding.py): folded into the
-convolution before it where there is one, else computed by the fused kernel.
+The network is rewritten for inference first (models/inference_graph.py): batch norms
+folded into the convolution before them, or else computed by the fused kernel.
 An export is written beside its destination and renamed into place, so a half-written
 directory is never served.
 """
@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from app import contract
 from app.contract import ModelCard
 from models.architecture import build_fpn_resnet50v2
-from models.folding import fold_batch_norms
+from models.inference_graph import inference_graph
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,11 @@ def export_saved_model(
     """
     out = Path(out_dir)
     _check_destination(out, overwrite=overwrite)
-    serving, rewritten = fold_batch_norms(model)
+    serving, rewritten = inference_graph(model)
     module = serving_module(serving)
     card = card.model_copy(
         update={
-            "parameters": int(model.count_params()),  # the paper's count, before folding
+            "parameters": int(model.count_params()),  # the paper's count, before the rewrite
             **rewritten,
             "tensorflow_version": tf.__version__,
         }

@@ -1,4 +1,4 @@
-"""Export-time folding of batch normalisation into convolutions (models/folding.py)."""
+"""Export-time rewrite for inference (models/inference_graph.py): BN folded or fused."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 
 from models.architecture import build_fpn_resnet50v2
-from models.folding import (
+from models.inference_graph import (
     FoldedBatchNormalization,
     FusedInferenceBatchNormalization,
-    fold_batch_norms,
     foldable_pairs,
+    inference_graph,
 )
 from support import WIDE_HEAD_STD, ct_like_slices, give_trained_statistics
 
@@ -34,7 +34,7 @@ def test_the_32_bottleneck_batch_norms_fold_and_the_17_others_stay(
     assert len(pairs) == 32
     assert pairs["conv2_block1_1_conv"].name == "conv2_block1_1_bn"
     assert pairs["conv5_block3_2_conv"].name == "conv5_block3_2_bn"
-    folded, counts = fold_batch_norms(small_model)
+    folded, counts = inference_graph(small_model)
     assert counts == {"folded_batch_norms": 32, "fused_batch_norms": 17}
     kinds = [type(layer) for layer in folded.layers]
     assert kinds.count(FoldedBatchNormalization) == 32
@@ -46,8 +46,14 @@ def test_the_32_bottleneck_batch_norms_fold_and_the_17_others_stay(
 
 def test_folded_model_computes_the_same_function(small_model: keras.Model) -> None:
     x = ct_like_slices(3, seed=4)[:, 192:320, 192:320]
-    folded, _ = fold_batch_norms(small_model)
-    names = ["conv3_block1_2_relu", "conv4_block1_preact_relu", "post_relu", "P3"]
+    folded, _ = inference_graph(small_model)
+    names = [
+        "conv3_block1_2_relu",
+        "conv3_block1_out",
+        "conv4_block1_preact_relu",
+        "post_relu",
+        "P3",
+    ]
     for name, a, b in zip(
         names, _outputs_of(small_model, names, x), _outputs_of(folded, names, x), strict=True
     ):
@@ -65,7 +71,7 @@ def test_a_convolution_read_twice_is_not_folded() -> None:
     out = keras.layers.Add()([bn, conv])  # the raw convolution output is read again
     model = keras.Model(inputs, out)
     assert foldable_pairs(model) == {}
-    copy, counts = fold_batch_norms(model)
+    copy, counts = inference_graph(model)
     assert counts == {"folded_batch_norms": 0, "fused_batch_norms": 1}
     assert isinstance(copy.get_layer("bn"), FusedInferenceBatchNormalization)
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
@@ -75,5 +81,5 @@ def test_a_convolution_read_twice_is_not_folded() -> None:
 def test_a_model_without_batch_norm_comes_back_as_it_is() -> None:
     inputs = keras.Input((8,))
     model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
-    same, counts = fold_batch_norms(model)
-    assert same is model and counts == {"folded_batch_norms": 0, "fused_batch_norms": 0}
+    same, counts = inference_graph(model)
+    assert same is model and not any(counts.values())
