@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 protect_library_logs()
 
-try:  # pydicom prefers GDCM for JPEG Lossless when it is installed: ~1.5× pylibjpeg here
+try:  # pydicom tries GDCM first for the JPEG family (Lossless ~1.5× pylibjpeg), then pylibjpeg
     import gdcm
 except ImportError:  # pylibjpeg decodes every syntax the service takes on its own
     gdcm = None

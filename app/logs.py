@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import secrets
+import sys
 import time
 import warnings
 from typing import Any
@@ -111,7 +112,10 @@ def protect_library_logs() -> None:
 
 def configure_logging(level: str = "INFO") -> None:
     protect_library_logs()
-    handler = logging.StreamHandler()
+    # stdout carries the JSON lines alone. Native libraries write their own fixed-text
+    # diagnostics straight to stderr (TensorFlow at start; GDCM's libjpeg on a corrupt
+    # JPEG stream, e.g. "Corrupt JPEG data: premature end of data segment").
+    handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     for name in ("app", "uvicorn", "uvicorn.error"):
         log = logging.getLogger(name)

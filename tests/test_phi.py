@@ -78,7 +78,7 @@ def captured(
     saved = [(log, log.level, list(log.handlers), log.propagate, log.disabled) for log in loggers]
     pydicom_debugging = dicom_config.debugging
     buffer = io.StringIO()
-    monkeypatch.setattr(sys, "stderr", buffer)
+    monkeypatch.setattr(sys, "stdout", buffer)
     configure_logging("DEBUG")  # its handler writes to the buffer
     monkeypatch.undo()
     for log in loggers:
@@ -215,7 +215,7 @@ def test_library_loggers_and_warnings_are_redacted(captured: Capture) -> None:
     assert "UserWarning" in captured.json_lines.getvalue()
 
 
-def test_gdcm_writes_nothing_to_stderr() -> None:
+def test_gdcm_trace_is_off() -> None:
     """GDCM (the preferred JPEG Lossless decoder) prints past logging: ingest turns it off."""
     gdcm = pytest.importorskip("gdcm", reason="python-gdcm not installed")
     import app.ingest  # noqa: F401  (configures GDCM on import)
@@ -223,3 +223,21 @@ def test_gdcm_writes_nothing_to_stderr() -> None:
     assert not gdcm.Trace.GetWarningFlag()
     assert not gdcm.Trace.GetErrorFlag()
     assert not gdcm.Trace.GetDebugFlag()
+
+
+def test_native_decoders_write_no_patient_data_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """A corrupt JPEG stream makes GDCM's libjpeg print to file descriptor 2, past every
+    Python handler: what it prints must hold no patient data."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from app.ingest import ingest_zip
+    from app.settings import Settings
+
+    ds = plant_phi(pydicom.dcmread(p002_slice()))
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([frame[: len(frame) // 2] + frame[len(frame) // 2 + 7 :]])
+    capfd.readouterr()
+    ingest_zip(zip_files([(f"{PHI_DIR}/{PHI_NAME}.dcm", dicom_bytes(ds))]), Settings())
+    err = capfd.readouterr().err
+    for planted in (*PHI_STRINGS, PHI_DIR):
+        assert planted not in err, planted
