@@ -9,6 +9,7 @@ archive's files: names and tag values may be patient data and never reach logs o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import logging
@@ -27,7 +28,13 @@ from pydicom import config as dicom_config
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.pixels.decoders.base import Decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    AllTransferSyntaxes,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from app import errors
 from app.domain import Series, SkippedMember, SliceInfo, Study
@@ -42,15 +49,22 @@ logger = logging.getLogger(__name__)
 dicom_config.settings.reading_validation_mode = dicom_config.IGNORE
 protect_library_logs()
 
-try:  # pydicom tries GDCM first for the JPEG family (Lossless ~1.5× pylibjpeg), then pylibjpeg
-    import gdcm
-except ImportError:  # pylibjpeg decodes every syntax the service takes on its own
-    gdcm = None
-else:
-    # GDCM writes its messages straight to stderr, past the redacting log handlers.
-    gdcm.Trace.WarningOff()
-    gdcm.Trace.ErrorOff()
-    gdcm.Trace.DebugOff()
+
+def _never_gdcm() -> None:
+    """Take GDCM out of every pydicom decoder, even where it is installed.
+
+    pydicom would try it first for the JPEG family (it decodes JPEG Lossless ~1.5× faster
+    than pylibjpeg), but a fuzzed JPEG Lossless stream made it throw a C++ exception that
+    aborts the whole process (std::terminate in gdcmJPEGCodec.cxx). pylibjpeg decodes
+    every syntax the service takes and raises Python exceptions on bad data.
+    """
+    for uid in AllTransferSyntaxes:
+        # NotImplementedError: no decoder for that syntax; ValueError: no GDCM plugin in it
+        with contextlib.suppress(NotImplementedError, ValueError):
+            get_decoder(uid).remove_plugin("gdcm")
+
+
+_never_gdcm()
 
 SIZE = 512  # slices leave ingest as SIZE × SIZE
 OFFSET = 1024  # stored value = HU + OFFSET

@@ -112,9 +112,8 @@ def protect_library_logs() -> None:
 
 def configure_logging(level: str = "INFO") -> None:
     protect_library_logs()
-    # stdout carries the JSON lines alone. Native libraries write their own fixed-text
-    # diagnostics straight to stderr (TensorFlow at start; GDCM's libjpeg on a corrupt
-    # JPEG stream, e.g. "Corrupt JPEG data: premature end of data segment").
+    # stdout carries the JSON lines alone; native libraries write their own fixed-text
+    # diagnostics straight to stderr (TensorFlow's start-up lines, for one).
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
     for name in ("app", "uvicorn", "uvicorn.error"):
