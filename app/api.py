@@ -82,6 +82,7 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
     responses=_PROBLEMS,
 )
 async def diagnose(
+    request: Request,
     settings: SettingsDep,
     engine: Annotated[InferenceEngine, Depends(get_engine)],
     file: Annotated[UploadFile, File(description="zip of DICOM and/or 16-bit TIFF slices")],
@@ -91,7 +92,10 @@ async def diagnose(
     ] = None,
 ) -> DiagnosisOut:
     t = settings.patient_threshold if threshold is None else threshold
-    study, result = await diagnose_upload(file.file, engine, settings, threshold=t)
+    pool = request.app.state.runtime.decode_pool
+    study, result = await diagnose_upload(
+        file.file, engine, settings, threshold=t, decode_pool=pool
+    )
     out = diagnosis_out(
         request_id=request_id_var.get(),
         patient_id=patient_id,

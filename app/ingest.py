@@ -37,6 +37,7 @@ from pydicom.uid import (
 )
 
 from app import errors
+from app.decode_pool import DecodePool
 from app.domain import Series, SkippedMember, SliceInfo, Study
 from app.logs import protect_library_logs
 from app.settings import Settings
@@ -118,10 +119,15 @@ class _Frame:
     axis: int = 2  # dominant axis of the slice normal: 0 x, 1 y, 2 z
     instance: int | None = None
     by_folder: bool = False  # DICOM without SeriesInstanceUID
+    task: tuple[Any, ...] | None = None  # picklable arguments of _decode_frame (DICOM)
 
 
-def ingest_zip(archive: bytes | BinaryIO, settings: Settings) -> Study:
+def ingest_zip(
+    archive: bytes | BinaryIO, settings: Settings, pool: DecodePool | None = None
+) -> Study:
     """Read a zip of DICOM and/or TIFF files into series of uint16 [N, 512, 512] HU + 1024.
+
+    With a `pool`, DICOM pixel data is decoded in its worker processes.
 
     Raises NotAZipError, TooManyMembersError, ZipBombError, TooManySlicesError or
     MixedSliceSizesError; and, when no usable slice is left, EncryptedMemberError,
@@ -145,7 +151,7 @@ def ingest_zip(archive: bytes | BinaryIO, settings: Settings) -> Study:
                 )
     groups = _group(frames)
     _check_groups(groups, settings)
-    built = [_build_series(key, members, skips) for key, members in groups]
+    built = [_build_series(key, members, skips, pool) for key, members in groups]
     series = tuple(
         dataclasses.replace(s, index=i) for i, s in enumerate(filter(None, built), start=1)
     )
@@ -257,7 +263,7 @@ def _decode_member(index: int, name: str, data: bytes, settings: Settings) -> li
         if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
             # pydicom stops quietly at the end of a truncated file, dropping the element
             raise _Skip(_CORRUPT, "pixel data truncated or unreadable")
-        return _decode_dicom(index, name, ds, settings)
+        return _decode_dicom(index, name, ds, data, settings)
     except (_Skip, errors.CovidCTError):
         raise
     except Exception as e:  # malformed input makes pydicom and tifffile raise many types
@@ -276,7 +282,9 @@ def _read_unmarked_dicom(data: bytes) -> Dataset:
     return ds
 
 
-def _decode_dicom(index: int, name: str, ds: Dataset, settings: Settings) -> list[_Frame]:
+def _decode_dicom(
+    index: int, name: str, ds: Dataset, data: bytes, settings: Settings
+) -> list[_Frame]:
     """One frame per DICOM frame; rescale and position from the functional groups if any."""
     photometric = _check_dicom(ds)
     decoder = _decoder(_transfer_syntax(ds))
@@ -311,8 +319,11 @@ def _decode_dicom(index: int, name: str, ds: Dataset, settings: Settings) -> lis
             _lookup(ds, groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
         )
         load = partial(_load_dicom, decoder, ds, i, slope, intercept, invert)
+        task = (data, i, slope, intercept, invert)
         frame = i if n_frames > 1 else None
-        frames.append(_Frame(**common, load=load, frame=frame, position=position, axis=axis))
+        frames.append(
+            _Frame(**common, load=load, frame=frame, position=position, axis=axis, task=task)
+        )
     return frames
 
 
@@ -436,6 +447,17 @@ def _load_dicom(
     return _to_stored_values(raw, slope, intercept)
 
 
+def _decode_frame(
+    data: bytes, index: int, slope: float, intercept: float, invert: int | None
+) -> np.ndarray:
+    """_load_dicom from the member's bytes, in a decode worker process (DecodePool)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        return _load_dicom(_decoder(_transfer_syntax(ds)), ds, index, slope, intercept, invert)
+    except Exception as e:  # sent back pickled: a plain type that carries only the kind
+        raise RuntimeError(type(e).__name__) from None
+
+
 def _to_stored_values(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
     """Stored values → HU (slope, intercept) → HU + 1024, clipped to uint16 [0, 65535]."""
     offset = intercept + OFFSET
@@ -518,15 +540,19 @@ def _check_groups(groups: list[tuple[GroupKey, list[_Frame]]], settings: Setting
         raise errors.ZipBombError(f"the slices would decode to {2 * pixels} bytes, over the limit")
 
 
-def _build_series(key: GroupKey, frames: list[_Frame], skips: Skips) -> Series | None:
+def _build_series(
+    key: GroupKey, frames: list[_Frame], skips: Skips, pool: DecodePool | None
+) -> Series | None:
     """Order, drop duplicates, decode into one uint16 stack, resample to 512×512 if needed."""
     kind, series_key = frames[0].kind, key[2]
     frames, order, notes = _order_dicom(frames) if kind == "dicom" else _order_tiff(frames)
     stack = np.empty((len(frames), *frames[0].shape), dtype=np.uint16)
     kept: list[_Frame] = []
-    for frame in frames:
+    for frame, decoded in zip(frames, _decode_all(frames, pool), strict=True):
         try:
-            values = frame.load()
+            values = decoded() if callable(decoded) else decoded
+            if isinstance(values, BaseException):
+                raise values
             if values.shape != frame.shape:
                 raise ValueError("decoded shape differs from the header")
             stack[len(kept)] = values
@@ -553,6 +579,17 @@ def _build_series(key: GroupKey, frames: list[_Frame], skips: Skips) -> Series |
         resampled_from=resampled_from,
         notes=tuple(notes),
     )
+
+
+def _decode_all(frames: list[_Frame], pool: DecodePool | None) -> list[Any]:
+    """Per frame, its pixels or the exception that decoding raised (from the pool), or the
+    frame's own loader to call here (no pool, a TIFF series, or a pool that broke)."""
+    tasks = [f.task for f in frames]
+    if pool is not None and all(t is not None for t in tasks):
+        decoded = pool.decode(_decode_frame, tasks)  # type: ignore[arg-type]
+        if decoded is not None:
+            return decoded
+    return [f.load for f in frames]
 
 
 def _natural(name: str) -> list[int | str]:

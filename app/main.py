@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from app import __version__, metrics
 from app.api import router
 from app.contract import ModelCard
+from app.decode_pool import DecodePool
 from app.guard import UploadGuardMiddleware
 from app.inference import InferenceEngine, load_engine
 from app.logs import configure_logging
@@ -29,6 +30,8 @@ class Runtime:
         self.settings = settings
         self.loader = loader
         self.engine: InferenceEngine | None = None
+        # Started on the first upload; shared by all requests.
+        self.decode_pool = DecodePool(settings.decode_workers) if settings.decode_workers else None
         self.state = "loading"
         self.detail = "loading and warming the model"
 
@@ -62,6 +65,8 @@ class Runtime:
         metrics.MODEL_READY.set(0)
         if self.engine is not None:
             self.engine.stop()
+        if self.decode_pool is not None:
+            self.decode_pool.shutdown()
         self.state = "stopped"
 
 

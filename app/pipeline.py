@@ -13,6 +13,7 @@ import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
+from app.decode_pool import DecodePool
 from app.diagnosis import judge_patient, judge_series
 from app.domain import PatientResult, SeriesResult, Study
 from app.inference import InferenceEngine
@@ -59,11 +60,17 @@ async def diagnose_study(
 
 
 async def diagnose_upload(
-    archive: bytes | BinaryIO, engine: InferenceEngine, settings: Settings, *, threshold: float
+    archive: bytes | BinaryIO,
+    engine: InferenceEngine,
+    settings: Settings,
+    *,
+    threshold: float,
+    decode_pool: DecodePool | None = None,
 ) -> tuple[Study, PatientResult]:
-    """The whole pipeline for one uploaded zip; decoding runs in a worker thread."""
+    """The whole pipeline for one uploaded zip; decoding runs in a worker thread, and its
+    pixel decoding in `decode_pool`'s processes when there is one."""
     t0 = time.perf_counter()
-    study = await run_in_threadpool(ingest_zip, archive, settings)
+    study = await run_in_threadpool(ingest_zip, archive, settings, decode_pool)
     decode_ms = _observe("decode", t0)
     result = await diagnose_study(study, engine, settings, threshold=threshold)
     result.timings_ms["decode"] = decode_ms

@@ -62,6 +62,14 @@ class Settings(BaseSettings):
         description="request body of POST /patients/diagnose (the zip and the form fields); "
         "counted while it streams in, and refused with 413 as soon as it is exceeded",
     )
+    decode_workers: int = Field(
+        2,
+        ge=0,
+        le=64,
+        description="processes that decode DICOM pixel data, shared by all requests (0: each "
+        "request decodes in its own thread, one slice at a time across requests: the "
+        "decoders hold the GIL)",
+    )
     max_concurrent_uploads: int = Field(
         8,
         ge=1,

@@ -6,9 +6,10 @@ One run, on the real P002 series (133 DICOM slices, JPEG Lossless):
       `model.predict` one slice at a time on the Keras network as models/ builds it;
   (b) the service's pipeline in process (ingest → select → batched SavedModel → diagnose);
   (c) the service over HTTP (uvicorn on 127.0.0.1) with 1, 2, 4 and 8 concurrent clients.
-It prints slices/s, per-stage medians, ratios, the server's peak RSS, the model stage's
-GFLOP/s against an fp32 matrix-multiply peak measured in the same run, and (with
---bf16) the reduced-precision speed-up and its largest probability deviation.
+It prints slices/s, per-stage medians, ratios, the server's peak RSS (with its decode
+workers), the model stage's GFLOP/s against an fp32 matrix-multiply peak measured in the
+same run, and (with --bf16) the reduced-precision speed-up and its largest probability
+deviation.
 
 The network is the paper's, seeded, with batch-norm statistics calibrated on CT-like
 slices and a head init of std 0.05 (built into var/bench/ on first use), so that its
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import io
 import json
 import os
@@ -165,6 +167,7 @@ def baseline_in_subprocess(limit: int | None) -> dict:
 
 
 def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrides) -> dict:
+    from app.decode_pool import DecodePool
     from app.inference import load_engine
     from app.pipeline import diagnose_upload
     from app.settings import Settings
@@ -172,21 +175,29 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
     settings = Settings(_env_file=None, model_dir=model_dir, **overrides)
     engine = load_engine(settings)
     engine.start()
+    workers = settings.decode_workers
+    pool = DecodePool(workers) if workers else None  # as the service's Runtime holds one
     runs = []
     probs = None
 
     async def once() -> None:
         nonlocal probs
         t0 = time.perf_counter()
-        _, result = await diagnose_upload(archive, engine, settings, threshold=0.1)
+        _, result = await diagnose_upload(
+            archive, engine, settings, threshold=0.1, decode_pool=pool
+        )
         total = time.perf_counter() - t0
         n = result.series[0].selection.n_selected
         probs = result.series[0].covid_probability
         runs.append({**{k: v / 1000 for k, v in result.timings_ms.items()}, "total": total, "n": n})
 
+    if pool is not None:  # start the workers before timing, as a service's first upload would
+        pool.decode(int, [(0,)])
     for _ in range(repeats):
         asyncio.run(once())
     engine.stop()
+    if pool is not None:
+        pool.shutdown()
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     med["infer_best"] = min(r["infer"] for r in runs)
     med["probs"] = probs
@@ -230,8 +241,14 @@ class RssSampler(threading.Thread):
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
-        while not self.stop_flag.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+        import psutil
+
+        while not self.stop_flag.is_set():  # the server and its decode workers, together
+            total = 0
+            for p in [self.proc, *self.proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):  # a worker may exit meanwhile
+                    total += p.memory_info().rss
+            self.peak = max(self.peak, total)
             time.sleep(0.05)
 
 
@@ -299,8 +316,11 @@ def main() -> None:
         export_bench_model(args.model_dir)
 
     archive = p002_zip()
+    from app.settings import Settings
+
+    workers = Settings(_env_file=None).decode_workers
     log(f"P002: {len(archive) / 1e6:.1f} MB zip, CPU cores: {os.cpu_count()}, "
-        f"JPEG Lossless decoder: {jpeg_lossless_plugin()}")  # fmt: skip
+        f"JPEG Lossless decoder: {jpeg_lossless_plugin()}, decode workers: {workers}")  # fmt: skip
     peak, peak_median = matmul_gflops()
     log(f"fp32 matmul (TensorFlow, 2048², 5 s): peak {peak:.1f} GFLOP/s, median {peak_median:.1f}")
 

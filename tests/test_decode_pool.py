@@ -1,0 +1,90 @@
+"""Decoding in worker processes (app/decode_pool.py) gives ingest's pixels, and survives
+a worker that dies."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.encaps import encapsulate
+
+from app.decode_pool import DecodePool
+from app.ingest import ingest_zip
+from app.settings import Settings
+from shared_data import P002, needs_data, zip_dirs, zip_files
+
+SETTINGS = Settings(_env_file=None)
+
+
+def die(code: int) -> None:
+    """A decode task whose worker process dies, as it would on a crashing decoder."""
+    os._exit(code)
+
+
+def square(x: int) -> int:
+    if x < 0:
+        raise ValueError("negative")
+    return x * x
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[DecodePool]:
+    p = DecodePool(2)
+    yield p
+    p.shutdown()
+
+
+def test_tasks_come_back_in_order_with_their_own_errors(pool: DecodePool) -> None:
+    out = pool.decode(square, [(3,), (-1,), (5,)])
+    assert out is not None
+    assert out[0] == 9 and out[2] == 25
+    assert isinstance(out[1], ValueError)
+
+
+def test_a_dead_worker_gives_none_and_the_next_call_gets_a_fresh_pool(pool: DecodePool) -> None:
+    assert pool.decode(die, [(3,), (3,)]) is None
+    assert pool.decode(square, [(4,)]) == [16]
+
+
+def test_at_least_one_worker() -> None:
+    with pytest.raises(ValueError, match="at least one worker"):
+        DecodePool(0)
+
+
+@needs_data
+def test_p002_through_the_pool_equals_decoding_in_thread(pool: DecodePool) -> None:
+    archive = zip_dirs(P002)
+    here = ingest_zip(archive, SETTINGS).series[0]
+    there = ingest_zip(archive, SETTINGS, pool).series[0]
+    assert [s.source for s in there.slices] == [s.source for s in here.slices]
+    np.testing.assert_array_equal(there.pixels, here.pixels)
+
+
+@needs_data
+def test_a_frame_that_fails_to_decode_is_skipped_in_the_pool_too(pool: DecodePool) -> None:
+    good = sorted(P002.glob("*.dcm"))[:3]
+    ds = pydicom.dcmread(good[1])
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(1000)])  # a JPEG stream with no image
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    files = [("s/a.dcm", good[0]), ("s/b.dcm", buf.getvalue()), ("s/c.dcm", good[2])]
+    study = ingest_zip(zip_files(files), SETTINGS, pool)
+    (series,) = study.series
+    assert [s.source for s in series.slices] == ["s/a.dcm", "s/c.dcm"]
+    assert [(m.index, m.reason) for m in study.skipped] == [(2, "pixel data could not be decoded")]
+
+
+def test_a_broken_pool_falls_back_to_decoding_in_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not P002.is_dir():
+        pytest.skip(f"real CT fixtures not found at {P002}")
+    pool = DecodePool(1)
+    monkeypatch.setattr(pool, "decode", lambda fn, tasks: None)  # as when a worker died
+    archive = zip_dirs(P002)
+    np.testing.assert_array_equal(
+        ingest_zip(archive, SETTINGS, pool).series[0].pixels,
+        ingest_zip(archive, SETTINGS).series[0].pixels,
+    )
