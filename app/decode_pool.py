@@ -6,7 +6,7 @@ decode in parallel. They are spawned (never forked: the parent runs TensorFlow's
 on first use, and import ingest but never TensorFlow.
 
 A worker that dies (a decoder crashing on hostile data) breaks the whole pool: every
-request then waiting on it gets `None` from `decode`, decodes its own frames in its own
+request then waiting on it gets DecodePoolBroken, decodes its remaining frames in its own
 thread instead, and the next call starts a fresh pool. No request fails for another's.
 """
 
@@ -15,12 +15,16 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 logger = logging.getLogger(__name__)
+
+
+class DecodePoolBroken(RuntimeError):
+    """A decode worker died: decode the rest in this thread."""
 
 
 class DecodePool:
@@ -35,19 +39,26 @@ class DecodePool:
 
     def decode(
         self, fn: Callable[..., Any], tasks: Sequence[tuple[Any, ...]]
-    ) -> list[Any | BaseException] | None:
-        """fn(*task) for every task, in order; a task's exception stands in its place.
+    ) -> Iterator[Any | BaseException]:
+        """fn(*task) for every task, yielded in order as each is ready; a task's exception
+        stands in its place. Raises DecodePoolBroken when the pool broke meanwhile.
 
-        None when the pool broke meanwhile: the caller decodes in its own thread instead.
+        Results are handed over one by one, so a caller that stores each and drops it
+        holds one decoded slice at a time, not the whole series twice.
         """
         executor = self._running()
+        futures: list[Future[Any]] = []
         try:
-            futures = [executor.submit(fn, *task) for task in tasks]
-            return [_outcome(f) for f in futures]
+            futures = [executor.submit(fn, *task) for task in reversed(tasks)]
+            while futures:
+                yield _outcome(futures.pop())
         except BrokenProcessPool:
-            logger.error("a decode worker died; this request decodes in its own thread")
+            logger.error("a decode worker died; the requests waiting on it decode in-thread")
             self._discard(executor)
-            return None
+            raise DecodePoolBroken from None
+        finally:  # a caller that stops early leaves nothing queued behind it
+            for future in futures:
+                future.cancel()
 
     def shutdown(self) -> None:
         with self._lock:

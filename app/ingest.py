@@ -37,7 +37,7 @@ from pydicom.uid import (
 )
 
 from app import errors
-from app.decode_pool import DecodePool
+from app.decode_pool import DecodePool, DecodePoolBroken
 from app.domain import Series, SkippedMember, SliceInfo, Study
 from app.logs import protect_library_logs
 from app.settings import Settings
@@ -548,9 +548,8 @@ def _build_series(
     frames, order, notes = _order_dicom(frames) if kind == "dicom" else _order_tiff(frames)
     stack = np.empty((len(frames), *frames[0].shape), dtype=np.uint16)
     kept: list[_Frame] = []
-    for frame, decoded in zip(frames, _decode_all(frames, pool), strict=True):
+    for frame, values in zip(frames, _decoded(frames, pool), strict=True):
         try:
-            values = decoded() if callable(decoded) else decoded
             if isinstance(values, BaseException):
                 raise values
             if values.shape != frame.shape:
@@ -581,15 +580,23 @@ def _build_series(
     )
 
 
-def _decode_all(frames: list[_Frame], pool: DecodePool | None) -> list[Any]:
-    """Per frame, its pixels or the exception that decoding raised (from the pool), or the
-    frame's own loader to call here (no pool, a TIFF series, or a pool that broke)."""
-    tasks = [f.task for f in frames]
-    if pool is not None and all(t is not None for t in tasks):
-        decoded = pool.decode(_decode_frame, tasks)  # type: ignore[arg-type]
-        if decoded is not None:
-            return decoded
-    return [f.load for f in frames]
+def _decoded(frames: list[_Frame], pool: DecodePool | None) -> Iterator[Any]:
+    """Each frame's pixels, or the exception its decoding raised, in order: from the pool's
+    workers when there is one (DICOM series), else, or once it broke, in this thread."""
+    done = 0
+    if pool is not None and all(f.task is not None for f in frames):
+        try:
+            for outcome in pool.decode(_decode_frame, [f.task for f in frames]):  # type: ignore[misc]
+                yield outcome
+                done += 1
+            return
+        except DecodePoolBroken:
+            pass  # logged by the pool; the frames not yet decoded are decoded here
+    for frame in frames[done:]:
+        try:
+            yield frame.load()
+        except Exception as e:  # decoders raise many types on corrupt data
+            yield e
 
 
 def _natural(name: str) -> list[int | str]:

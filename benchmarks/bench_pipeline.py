@@ -41,6 +41,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import app.ingest  # noqa: E402, F401  (the service's decoders, GDCM out, for (a) and (b) alike)
+
 FROZEN_WEIGHTS_ENV = "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"
 BENCH_MODEL = ROOT / "var" / "bench" / "model"
 BENCH_SEED = 0
@@ -192,7 +194,7 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
         runs.append({**{k: v / 1000 for k, v in result.timings_ms.items()}, "total": total, "n": n})
 
     if pool is not None:  # start the workers before timing, as a service's first upload would
-        pool.decode(int, [(0,)])
+        list(pool.decode(int, [(0,)]))
     for _ in range(repeats):
         asyncio.run(once())
     engine.stop()

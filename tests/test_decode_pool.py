@@ -12,7 +12,7 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 
-from app.decode_pool import DecodePool
+from app.decode_pool import DecodePool, DecodePoolBroken
 from app.ingest import ingest_zip
 from app.settings import Settings
 from shared_data import P002, needs_data, zip_dirs, zip_files
@@ -39,15 +39,15 @@ def pool() -> Iterator[DecodePool]:
 
 
 def test_tasks_come_back_in_order_with_their_own_errors(pool: DecodePool) -> None:
-    out = pool.decode(square, [(3,), (-1,), (5,)])
-    assert out is not None
+    out = list(pool.decode(square, [(3,), (-1,), (5,)]))
     assert out[0] == 9 and out[2] == 25
     assert isinstance(out[1], ValueError)
 
 
-def test_a_dead_worker_gives_none_and_the_next_call_gets_a_fresh_pool(pool: DecodePool) -> None:
-    assert pool.decode(die, [(3,), (3,)]) is None
-    assert pool.decode(square, [(4,)]) == [16]
+def test_a_dead_worker_raises_and_the_next_call_gets_a_fresh_pool(pool: DecodePool) -> None:
+    with pytest.raises(DecodePoolBroken):
+        list(pool.decode(die, [(3,), (3,)]))
+    assert list(pool.decode(square, [(4,)])) == [16]
 
 
 def test_at_least_one_worker() -> None:
@@ -78,11 +78,20 @@ def test_a_frame_that_fails_to_decode_is_skipped_in_the_pool_too(pool: DecodePoo
     assert [(m.index, m.reason) for m in study.skipped] == [(2, "pixel data could not be decoded")]
 
 
-def test_a_broken_pool_falls_back_to_decoding_in_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pool_that_breaks_midway_leaves_the_rest_to_this_thread(
+    pool: DecodePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not P002.is_dir():
         pytest.skip(f"real CT fixtures not found at {P002}")
-    pool = DecodePool(1)
-    monkeypatch.setattr(pool, "decode", lambda fn, tasks: None)  # as when a worker died
+    real = pool.decode
+
+    def breaks_after_ten(fn, tasks):  # as when a worker dies while the series decodes
+        for i, outcome in enumerate(real(fn, tasks)):
+            if i == 10:
+                raise DecodePoolBroken
+            yield outcome
+
+    monkeypatch.setattr(pool, "decode", breaks_after_ten)
     archive = zip_dirs(P002)
     np.testing.assert_array_equal(
         ingest_zip(archive, SETTINGS, pool).series[0].pixels,
