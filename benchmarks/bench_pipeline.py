@@ -240,17 +240,24 @@ class RssSampler(threading.Thread):
 
         self.proc = psutil.Process(pid)
         self.peak = 0
+        self.peak_rss_sum = 0
         self.stop_flag = threading.Event()
 
     def run(self) -> None:
         import psutil
 
-        while not self.stop_flag.is_set():  # the server and its decode workers, together
-            total = 0
-            for p in [self.proc, *self.proc.children(recursive=True)]:
+        while not self.stop_flag.is_set():
+            # The server's RSS, plus what its decode workers add: their unique memory
+            # (USS), since the pages they share with each other would be counted twice.
+            # The plain sum of RSS is kept too.
+            rss = self.proc.memory_info().rss
+            total, rss_sum = rss, rss
+            for child in self.proc.children(recursive=True):
                 with contextlib.suppress(psutil.Error):  # a worker may exit meanwhile
-                    total += p.memory_info().rss
+                    info = child.memory_full_info()
+                    total, rss_sum = total + info.uss, rss_sum + info.rss
             self.peak = max(self.peak, total)
+            self.peak_rss_sum = max(self.peak_rss_sum, rss_sum)
             time.sleep(0.05)
 
 
@@ -381,13 +388,15 @@ def main() -> None:
     rows = []
     try:
         for clients in [int(c) for c in args.clients.split(",")]:
-            sampler.peak = 0
+            sampler.peak = sampler.peak_rss_sum = 0
             row = http_load(args.port, archive, clients, args.requests_per_client)
             row["peak_rss_gb"] = sampler.peak / 1e9
+            row["peak_rss_sum_gb"] = sampler.peak_rss_sum / 1e9
             rows.append(row)
             log(f"  {clients} client(s): {row['requests']} requests, {row['failed']} failed, "
                 f"{row['slices_per_s']:.2f} slices/s, median latency {row['median_latency_s']:.1f} s, "
-                f"peak RSS {row['peak_rss_gb']:.2f} GB")  # fmt: skip
+                f"peak RSS {row['peak_rss_gb']:.2f} GB (server RSS + workers' USS; "
+                f"sum of RSS {row['peak_rss_sum_gb']:.2f})")  # fmt: skip
     finally:
         sampler.stop_flag.set()
         proc.terminate()
