@@ -157,7 +157,9 @@ def test_export_serves_what_training_kept(run, exported, dataset):
         ..., None
     ]
     expected = keras_model(batch, training=False).numpy()[:, contract.COVID_CLASS]
-    assert np.ptp(expected) > 1e-3, "outputs must vary with the input"
+    # A few training steps spread the scores by ~1e-3 (it varies run to run with oneDNN's
+    # reduction order): 1e-4 is still ten times the tolerance of the comparison below.
+    assert np.ptp(expected) > 1e-4, "outputs must vary with the input"
     loaded = tf.saved_model.load(str(out))
     served = loaded.signatures[contract.SIGNATURE_KEY](slices=tf.constant(batch))
     np.testing.assert_allclose(served[contract.OUTPUT_COVID].numpy(), expected, atol=1e-5)
