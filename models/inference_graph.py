@@ -98,7 +98,7 @@ def foldable_pairs(model: keras.Model) -> dict[str, keras.layers.BatchNormalizat
             and readers.get(id(source)) == 1
             and len(source._inbound_nodes) == 1
             and len(layer._inbound_nodes) == 1
-            and layer.axis in (-1, [-1], [3], 3)  # channels last: the kernel's last axis
+            and _channels_last(layer)  # the kernel's last axis
         ):
             pairs[source.name] = layer
     return pairs
@@ -147,9 +147,13 @@ def inference_graph(model: keras.Model) -> tuple[keras.Model, dict[str, int]]:
     return copy, counts
 
 
+def _channels_last(bn: keras.layers.BatchNormalization) -> bool:
+    return bn.axis in (-1, [-1], [3], 3)
+
+
 def _fusable(bn: keras.layers.BatchNormalization) -> bool:
     """TensorFlow's fused kernel takes 4-D channels-last input."""
-    return len(bn.input.shape) == 4 and bn.axis in (-1, [-1], [3], 3)
+    return len(bn.input.shape) == 4 and _channels_last(bn)
 
 
 def _statistics(bn: keras.layers.BatchNormalization) -> list[np.ndarray]:

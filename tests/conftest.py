@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.inference import FROZEN_WEIGHTS_ENV
 from app.logs import protect_library_logs
 from app.main import create_app
 from support import WIDE_HEAD_STD, make_settings, wait_ready
@@ -18,7 +19,7 @@ TEST_SEED = 0
 # This process trains, folds and compares models in eager Keras, where oneDNN's frozen-
 # weights cache would hand one layer's weights to another of the same shape. The service
 # turns it on in load_engine; test_inference checks that mode in a process of its own.
-os.environ["TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"] = "0"
+os.environ[FROZEN_WEIGHTS_ENV] = "0"
 
 
 @pytest.fixture(scope="session")
