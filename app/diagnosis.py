@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from app.domain import Verdict
+from app.domain import Selection, Verdict
 
 SLICE_COVID_CUTOFF = 0.5
 
@@ -32,13 +33,45 @@ def required_covid_slices(n: int, threshold: float) -> int:
     return max(1, math.ceil(round(threshold * n, 9)))
 
 
+@dataclass(frozen=True)
+class PatientRule:
+    """The patient threshold's configuration: t when a request does not give one."""
+
+    threshold: float = 0.1  # the paper's reported setting
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]. Received: threshold={self.threshold}")
+
+
+def model_slices(selection: Selection, *, set_aside: str | None = None) -> np.ndarray:
+    """Indices (int64, ascending) of the slices the model must score; empty when the series
+    cannot be judged (set aside, e.g. not axial, or no open lung): such a series never
+    reaches the model. The service and `models evaluate` both call this."""
+    if set_aside is not None or not selection.has_lung:
+        return np.zeros(0, dtype=np.int64)
+    return np.flatnonzero(selection.mask).astype(np.int64)
+
+
 def judge_series(
-    covid_probability: np.ndarray, *, threshold: float, has_lung: bool = True
+    selection: Selection,
+    covid_probability: np.ndarray,
+    *,
+    threshold: float,
+    set_aside: str | None = None,
 ) -> Verdict:
-    """Judge one series from the covid probabilities of its selected slices ([n], float)."""
+    """Judge one series. `covid_probability` ([n], float) scores the slices that
+    `model_slices(selection, set_aside=...)` named, in that order."""
     n = int(covid_probability.size)
-    if not has_lung:
+    if set_aside is not None:
+        return Verdict("indeterminate", 0, 0, 0, threshold, reason=set_aside)
+    if not selection.has_lung:
         return Verdict("indeterminate", 0, n, 0, threshold, reason="no open lung in the series")
+    if n != selection.n_selected:
+        raise ValueError(
+            f"covid_probability must score the {selection.n_selected} selected slices. "
+            f"Received: {n} probabilities"
+        )
     if n == 0:
         return Verdict("indeterminate", 0, 0, 0, threshold, reason="no slice selected")
     k = int(np.count_nonzero(covid_probability > SLICE_COVID_CUTOFF))

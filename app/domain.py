@@ -35,6 +35,9 @@ class Series:
     order: str  # how the slices were ordered, in words (direction included)
     resampled_from: tuple[int, int] | None = None  # original (rows, cols) when not 512×512
     notes: tuple[str, ...] = ()  # decisions taken on this series (duplicates dropped, ...)
+    # Why this series is not judged (e.g. "not axial: ..."); None when it can be judged.
+    # A set-aside series never reaches the model and cannot decide the patient.
+    set_aside: str | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[0] != len(self.slices):

@@ -14,11 +14,11 @@ from starlette.concurrency import run_in_threadpool
 
 from app import metrics
 from app.decode_pool import DecodePool
-from app.diagnosis import judge_patient, judge_series
+from app.diagnosis import judge_patient, judge_series, model_slices
 from app.domain import PatientResult, SeriesResult, Study
 from app.inference import InferenceEngine
 from app.ingest import ingest_zip
-from app.selection import select_with_settings
+from app.selection import SelectionRule, select_open_lung
 from app.settings import Settings
 
 
@@ -28,26 +28,28 @@ async def diagnose_study(
     """Select, infer and judge every series of an ingested study."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    rule = settings_rule(settings)
     selections = await run_in_threadpool(
-        lambda: [select_with_settings(s.pixels, settings) for s in study.series]
+        lambda: [select_open_lung(s.pixels, rule) for s in study.series]
     )
     timings["select"] = _observe("select", t0)
 
     t0 = time.perf_counter()
     # Series without open lung are not sent to the model: their verdict is indeterminate.
-    stacks = [
-        s.pixels[sel.mask] if sel.has_lung else s.pixels[:0]
+    indices = [
+        model_slices(sel, set_aside=s.set_aside)
         for s, sel in zip(study.series, selections, strict=True)
     ]
+    stacks = [s.pixels[i] for s, i in zip(study.series, indices, strict=True)]
     probs = await asyncio.gather(*(engine.predict(stack) for stack in stacks))
     timings["infer"] = _observe("infer", t0)
 
     t0 = time.perf_counter()
     results = []
-    for series, sel, p in zip(study.series, selections, probs, strict=True):
+    for series, sel, idx, p in zip(study.series, selections, indices, probs, strict=True):
         full = np.full(len(series.slices), np.nan, dtype=np.float32)
-        full[np.flatnonzero(sel.mask)[: len(p)]] = p
-        verdict = judge_series(p, threshold=threshold, has_lung=sel.has_lung)
+        full[idx] = p
+        verdict = judge_series(sel, p, threshold=threshold, set_aside=series.set_aside)
         results.append(SeriesResult(series, sel, full, verdict))
     verdict, best = judge_patient([r.verdict for r in results], threshold=threshold)
     timings["diagnose"] = _observe("diagnose", t0)
@@ -81,3 +83,13 @@ def _observe(stage: str, t0: float) -> float:
     seconds = time.perf_counter() - t0
     metrics.STAGE_DURATION.labels(stage).observe(seconds)
     return round(seconds * 1000, 2)
+
+
+def settings_rule(settings: Settings) -> SelectionRule:  # temporary: issue 9 moves this
+    return SelectionRule(
+        dark_value=settings.dark_value,
+        roi_rows=settings.roi_rows,
+        roi_cols=settings.roi_cols,
+        divisor=settings.threshold_divisor,
+        min_lung_pixels=settings.min_lung_pixels,
+    )

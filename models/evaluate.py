@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 
 from app.contract import CLASS_NAMES, COVID_CLASS, ModelCard
-from app.diagnosis import SLICE_COVID_CUTOFF, judge_patient, judge_series
+from app.diagnosis import SLICE_COVID_CUTOFF, judge_patient, judge_series, model_slices
 from app.domain import Selection, Verdict
-from app.selection import select_with_settings
+from app.pipeline import settings_rule
+from app.selection import select_open_lung
 from app.settings import Settings
 from models import data as datasets
 from models.data import LabeledSlice, PatientFolder
@@ -199,9 +200,9 @@ def _score_series(
     folder: Path, predict: Predict, settings: Settings, batch_size: int
 ) -> SeriesScore:
     stack = datasets.read_series(folder)
-    selection = select_with_settings(stack, settings)
+    selection = select_open_lung(stack, settings_rule(settings))
     # As the service does: a series without open lung is not sent to the model.
-    selected = stack[selection.mask] if selection.has_lung else stack[:0]
+    selected = stack[model_slices(selection)]
     batches = datasets.as_batches(selected, batch_size)
     scores = [np.asarray(predict(b), np.float32) for b in batches]
     probability = np.concatenate(scores) if scores else np.zeros(0, np.float32)
@@ -211,7 +212,7 @@ def _score_series(
 def judge(patient: PatientScore, threshold: float) -> Verdict:
     """The service's verdict for this patient at threshold t."""
     verdicts = [
-        judge_series(s.covid_probability, threshold=threshold, has_lung=s.selection.has_lung)
+        judge_series(s.selection, s.covid_probability, threshold=threshold)
         for s in patient.series
     ]
     return judge_patient(verdicts, threshold=threshold)[0]

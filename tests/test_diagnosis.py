@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.diagnosis import judge_patient, judge_series, required_covid_slices
-from app.domain import Verdict
+from app.diagnosis import judge_patient, judge_series, model_slices, required_covid_slices
+from app.domain import Selection, Verdict
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,11 @@ def probs(k: int, n: int) -> np.ndarray:
     return np.array([0.9] * k + [0.1] * (n - k), dtype=np.float32)
 
 
+def selected(n: int, *, has_lung: bool = True) -> Selection:
+    """A selection that keeps all n slices."""
+    return Selection(np.full(n, 1000), 0.0, np.ones(n, dtype=bool), has_lung=has_lung)
+
+
 @pytest.mark.parametrize(
     ("k", "n", "t", "outcome"),
     [
@@ -53,21 +58,38 @@ def probs(k: int, n: int) -> np.ndarray:
     ],
 )
 def test_judge_series_table(k: int, n: int, t: float, outcome: str) -> None:
-    v = judge_series(probs(k, n), threshold=t)
+    v = judge_series(selected(n), probs(k, n), threshold=t)
     assert (v.outcome, v.k, v.n) == (outcome, k, n)
 
 
 def test_probability_exactly_half_is_not_covid() -> None:
-    assert judge_series(np.array([0.5, 0.5], np.float32), threshold=0.0).k == 0
+    assert judge_series(selected(2), np.array([0.5, 0.5], np.float32), threshold=0.0).k == 0
 
 
 def test_no_selected_slice_is_indeterminate_never_normal() -> None:
-    assert judge_series(np.zeros(0, np.float32), threshold=0.1).outcome == "indeterminate"
+    v = judge_series(selected(0), np.zeros(0, np.float32), threshold=0.1)
+    assert v.outcome == "indeterminate"
 
 
 def test_no_lung_is_indeterminate_even_with_covid_scores() -> None:
-    v = judge_series(probs(3, 3), threshold=0.1, has_lung=False)
+    v = judge_series(selected(3, has_lung=False), probs(3, 3), threshold=0.1)
     assert v.outcome == "indeterminate"
+
+
+def test_no_lung_or_set_aside_series_never_reaches_the_model() -> None:
+    assert model_slices(selected(3, has_lung=False)).size == 0
+    assert model_slices(selected(3), set_aside="not axial").size == 0
+    assert model_slices(selected(3)).tolist() == [0, 1, 2]
+
+
+def test_set_aside_series_is_indeterminate_with_its_reason() -> None:
+    v = judge_series(selected(3), np.zeros(0, np.float32), threshold=0.1, set_aside="not axial")
+    assert (v.outcome, v.reason, v.n) == ("indeterminate", "not axial", 0)
+
+
+def test_probabilities_must_score_the_selected_slices() -> None:
+    with pytest.raises(ValueError, match="Received"):
+        judge_series(selected(3), probs(1, 2), threshold=0.1)
 
 
 def verdict(outcome: str, k: int, n: int, required: int = 1) -> Verdict:

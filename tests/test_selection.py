@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.selection import dark_pixel_counts, select_open_lung
+from app.selection import SelectionRule, dark_pixel_counts, select_open_lung
+
+FLOOR_500 = SelectionRule(min_lung_pixels=500)
 
 ROI_PIXELS = 100 * 250
 
@@ -65,17 +67,17 @@ def test_single_slice() -> None:
 
 
 def test_empty_roi_everywhere_selects_nothing_and_has_no_lung() -> None:
-    sel = select_open_lung(stack_with_counts([0, 0, 0]), min_lung_pixels=500)
+    sel = select_open_lung(stack_with_counts([0, 0, 0]), FLOOR_500)
     assert sel.n_selected == 0
     assert not sel.has_lung
 
 
 def test_relative_rule_keeps_slices_without_lung_so_floor_flags_it() -> None:
     # Like the abdomen-only fixture: the largest count is 17 pixels, yet the rule keeps some.
-    sel = select_open_lung(stack_with_counts([0, 2, 17, 12, 3, 0]), min_lung_pixels=500)
+    sel = select_open_lung(stack_with_counts([0, 2, 17, 12, 3, 0]), FLOOR_500)
     assert sel.mask.tolist() == [False, False, True, True, False, False]
     assert not sel.has_lung
-    assert select_open_lung(stack_with_counts([0, 600]), min_lung_pixels=500).has_lung
+    assert select_open_lung(stack_with_counts([0, 600]), FLOOR_500).has_lung
 
 
 def test_empty_stack() -> None:
