@@ -27,6 +27,45 @@ CARD_FILENAME = "model_card.json"  # inside the SavedModel's assets/
 WeightsSource = Literal["untrained", "trained", "imported"]
 
 
+class ContractError(ValueError):
+    """A SavedModel that does not keep this contract: the service refuses to serve it."""
+
+
+def _shape(spec: Any) -> tuple[int | None, ...] | None:
+    return tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
+
+
+def check_signature(fn: Any) -> None:
+    """Check a loaded `serving_default` concrete function against the contract: exactly one
+    input `slices` float32 [None, 512, 512, 1]; exactly the outputs `covid_probability`
+    float32 [None] and `probabilities` float32 [None, 2]. Raises ContractError. The export
+    (models/export.py) and the service's loader (app/inference.py) both call this."""
+    args, kwargs = fn.structured_input_signature
+    if args or set(kwargs) != {INPUT_NAME}:
+        raise ContractError(
+            f"signature input must be exactly '{INPUT_NAME}'. "
+            f"Received: args={args}, kwargs={sorted(kwargs)}"
+        )
+    spec = kwargs[INPUT_NAME]
+    if _shape(spec) != INPUT_SHAPE or spec.dtype.name != INPUT_DTYPE:
+        raise ContractError(
+            f"input '{INPUT_NAME}' must be {INPUT_DTYPE} {INPUT_SHAPE}. "
+            f"Received: {spec.dtype.name} {_shape(spec)}"
+        )
+    expected = {OUTPUT_COVID: (None,), OUTPUT_PROBABILITIES: (None, len(CLASS_NAMES))}
+    outputs = fn.structured_outputs
+    if not isinstance(outputs, dict) or set(outputs) != set(expected):
+        received = sorted(outputs) if isinstance(outputs, dict) else outputs
+        raise ContractError(f"signature outputs must be {sorted(expected)}. Received: {received}")
+    for name, shape in expected.items():
+        out = outputs[name]
+        if _shape(out) != shape or out.dtype.name != "float32":
+            raise ContractError(
+                f"output '{name}' must be float32 {shape}. "
+                f"Received: {out.dtype.name} {_shape(out)}"
+            )
+
+
 class ModelCard(BaseModel):
     """What the service tells every caller about the weights it serves."""
 

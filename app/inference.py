@@ -75,7 +75,7 @@ class SavedModelPredictor:
         with tf.device(device):
             self._loaded = tf.saved_model.load(str(self.model_dir))
         self._fn = self._loaded.signatures[contract.SIGNATURE_KEY]
-        _check_signature(self._fn)
+        contract.check_signature(self._fn)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or batch.shape[1:] != (contract.IMAGE_SIZE, contract.IMAGE_SIZE, 1):
@@ -83,22 +83,6 @@ class SavedModelPredictor:
         with self._tf.device(self.device):
             out = self._fn(**{contract.INPUT_NAME: self._tf.constant(batch, self._tf.float32)})
         return out[contract.OUTPUT_COVID].numpy().astype(np.float32)
-
-
-def _check_signature(fn: object) -> None:
-    """Refuse a SavedModel that does not keep the serving contract, before reporting ready."""
-    _, kwargs = fn.structured_input_signature  # type: ignore[attr-defined]
-    spec = kwargs.get(contract.INPUT_NAME)
-    if spec is None or spec.dtype.name != contract.INPUT_DTYPE:
-        raise ValueError(
-            f"SavedModel input must be '{contract.INPUT_NAME}' float32. Received: {kwargs}"
-        )
-    if tuple(spec.shape.as_list()) != contract.INPUT_SHAPE:
-        raise ValueError(f"SavedModel input shape must be {contract.INPUT_SHAPE}. Received: {spec}")
-    outputs = fn.structured_outputs  # type: ignore[attr-defined]
-    missing = {contract.OUTPUT_COVID, contract.OUTPUT_PROBABILITIES} - set(outputs)
-    if missing:
-        raise ValueError(f"SavedModel lacks outputs {sorted(missing)}. Received: {sorted(outputs)}")
 
 
 @dataclass(eq=False)

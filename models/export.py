@@ -39,8 +39,8 @@ UNTRAINED_DETAIL = (
 )
 
 
-class SavedModelContractError(ValueError):
-    """A SavedModel directory that the service could not serve."""
+# A SavedModel directory that the service could not serve: the contract's own error.
+SavedModelContractError = contract.ContractError
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -213,8 +213,7 @@ def verify_saved_model(saved_model_dir: str | Path, *, run: bool = True) -> Any:
             f"Received: {sorted(loaded.signatures)}"
         )
     fn = loaded.signatures[contract.SIGNATURE_KEY]
-    _verify_input(fn)
-    _verify_outputs(fn)
+    contract.check_signature(fn)
     if run:
         _verify_forward(fn)
     logger.info("%s keeps the serving contract (%s weights)", path, card.weights_source)
@@ -230,42 +229,6 @@ def _verify_card(path: Path) -> ModelCard:
         ) from e
     except ValidationError as e:
         raise SavedModelContractError(f"model card invalid: {e}. Received: {path}") from e
-
-
-def _verify_input(fn: Any) -> None:
-    args, kwargs = fn.structured_input_signature
-    if args or set(kwargs) != {contract.INPUT_NAME}:
-        raise SavedModelContractError(
-            f"signature input must be exactly '{contract.INPUT_NAME}'. "
-            f"Received: args={args}, kwargs={sorted(kwargs)}"
-        )
-    spec = kwargs[contract.INPUT_NAME]
-    shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
-    if shape != contract.INPUT_SHAPE or spec.dtype.name != contract.INPUT_DTYPE:
-        raise SavedModelContractError(
-            f"input '{contract.INPUT_NAME}' must be {contract.INPUT_DTYPE} "
-            f"{contract.INPUT_SHAPE}. Received: {spec.dtype.name} {shape}"
-        )
-
-
-def _verify_outputs(fn: Any) -> None:
-    expected = {
-        contract.OUTPUT_COVID: (None,),
-        contract.OUTPUT_PROBABILITIES: (None, len(contract.CLASS_NAMES)),
-    }
-    outputs = fn.structured_outputs
-    if not isinstance(outputs, dict) or set(outputs) != set(expected):
-        received = sorted(outputs) if isinstance(outputs, dict) else outputs
-        raise SavedModelContractError(
-            f"signature outputs must be {sorted(expected)}. Received: {received}"
-        )
-    for name, shape in expected.items():
-        spec = outputs[name]
-        got = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
-        if got != shape or spec.dtype != tf.float32:
-            raise SavedModelContractError(
-                f"output '{name}' must be float32 {shape}. Received: {spec.dtype.name} {got}"
-            )
 
 
 def _verify_forward(fn: Any) -> None:
