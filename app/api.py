@@ -10,26 +10,38 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import NotReadyError, UnauthorizedError
+from app.errors import NotReadyError, ShuttingDownError, UnauthorizedError
 from app.guard import API_KEY_HEADER, api_key_valid
 from app.inference import InferenceEngine
 from app.logs import patient_hash, request_id_var
 from app.pipeline import diagnose_upload
+from app.runtime import Runtime
 from app.schemas import DiagnosisOut, diagnosis_out, model_summary
-from app.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+def get_runtime(request: Request) -> Runtime:
+    """The running service's runtime (app/main.py puts it on the app)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
-def get_engine(request: Request) -> InferenceEngine:
-    runtime = request.app.state.runtime
-    if runtime.engine is None or runtime.state != "ready":
-        raise NotReadyError(f"model state: {runtime.state}")
-    return runtime.engine
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
+
+def get_engine(runtime: RuntimeDep) -> InferenceEngine:
+    """The engine for a request let in by the upload guard (while draining too: the door
+    refuses new requests, those already in finish)."""
+    if runtime.serving is not None:
+        return runtime.serving
+    if runtime.state in ("draining", "stopped"):
+        raise ShuttingDownError("this replica takes no new work")
+    raise NotReadyError(f"model state: {runtime.state}")
+
+
+EngineDep = Annotated[InferenceEngine, Depends(get_engine)]
 
 # Declared for the OpenAPI document; checked here and, before the body is read, by the
 # upload guard (app/guard.py).
@@ -41,9 +53,9 @@ _api_key_header = APIKeyHeader(
 
 
 def require_api_key(
-    settings: SettingsDep, key: Annotated[str | None, Depends(_api_key_header)]
+    runtime: RuntimeDep, key: Annotated[str | None, Depends(_api_key_header)]
 ) -> None:
-    if not api_key_valid(key, settings):
+    if not api_key_valid(key, runtime.config.guard.api_keys):
         raise UnauthorizedError(f"send a valid key in the {API_KEY_HEADER} header")
 
 
@@ -70,7 +82,11 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
         (413, "over a limit: upload bytes, members, slices, expansion (zip bomb)"),
         (415, "unsupported transfer syntax, or an image that cannot hold raw CT values"),
         (422, "no usable image, mixed slice sizes in a series, or invalid form fields"),
-        (503, "model not ready, or too busy (inference queue or uploads); see Retry-After"),
+        (
+            503,
+            "model not ready, too busy (inference queue or uploads), or shutting down; "
+            "see Retry-After",
+        ),
     ]
 }
 
@@ -82,19 +98,20 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
     responses=_PROBLEMS,
 )
 async def diagnose(
-    request: Request,
-    settings: SettingsDep,
-    engine: Annotated[InferenceEngine, Depends(get_engine)],
+    runtime: RuntimeDep,
+    engine: EngineDep,
     file: Annotated[UploadFile, File(description="zip of DICOM and/or 16-bit TIFF slices")],
     patient_id: Annotated[str, Form(min_length=1, max_length=128)],
     threshold: Annotated[
         float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
     ] = None,
 ) -> DiagnosisOut:
-    t = settings.patient_threshold if threshold is None else threshold
-    pool = request.app.state.runtime.decode_pool
     study, result = await diagnose_upload(
-        file.file, engine, settings, threshold=t, decode_pool=pool
+        file.file,
+        engine,
+        runtime.config.pipeline,
+        threshold=threshold,
+        decode_pool=runtime.decode_pool,
     )
     out = diagnosis_out(
         request_id=request_id_var.get(),
@@ -107,7 +124,7 @@ async def diagnose(
         "diagnosis",
         extra={
             "audit": True,
-            "patient": patient_hash(patient_id, _audit_key(settings)),
+            "patient": patient_hash(patient_id, runtime.config.audit_key),
             "model_version": engine.card.version,
             "weights_source": engine.card.weights_source,
             "outcome": out.diagnosis,
@@ -121,17 +138,13 @@ async def diagnose(
     return out
 
 
-def _audit_key(settings: Settings) -> bytes | None:
-    key = settings.audit_hash_key
-    return key.get_secret_value().encode() if key is not None else None
-
-
 @router.get(
     "/health",
-    responses={503: {"description": "model loading, failed or refused (see `status`)"}},
+    responses={
+        503: {"description": "model loading, failed or refused, or draining (see `status`)"}
+    },
 )
-async def health(request: Request) -> JSONResponse:
-    runtime = request.app.state.runtime
+async def health(runtime: RuntimeDep) -> JSONResponse:
     body: dict[str, object] = {"status": runtime.state, "detail": runtime.detail}
     if runtime.card is not None:
         body["model"] = model_summary(runtime.card).model_dump()

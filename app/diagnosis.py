@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from app.domain import Selection, Verdict
+from app.domain import Outcome, Selection, Verdict
 
 SLICE_COVID_CUTOFF = 0.5
 
@@ -76,7 +76,7 @@ def judge_series(
         return Verdict("indeterminate", 0, 0, 0, threshold, reason="no slice selected")
     k = int(np.count_nonzero(covid_probability > SLICE_COVID_CUTOFF))
     required = required_covid_slices(n, threshold)
-    outcome = "covid" if k >= required else "normal"
+    outcome: Outcome = "covid" if k >= required else "normal"
     return Verdict(outcome, k, n, required, threshold, reason=f"{k} of {n} selected slices COVID")
 
 

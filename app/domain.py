@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,58 @@ class SliceInfo:
     frame: int | None = None  # frame (DICOM) or page (TIFF) index in a multi-frame file
     position_mm: float | None = None  # ImagePositionPatient projected on the slice normal
     instance_number: int | None = None
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A DICOM series' geometry as stored; None where the header does not say.
+
+    Pixel spacing is (between rows, between columns) in the standard display, before any
+    resampling to 512×512; the spacing between slices is measured from the positions.
+    """
+
+    pixel_spacing_mm: tuple[float, float] | None = None
+    slice_thickness_mm: float | None = None
+    spacing_between_slices_mm: float | None = None  # median gap along the slice normal
+    spacing_uniform: bool | None = None  # every gap within 0.01 mm or 1 % of the median
+    gantry_tilt_deg: float | None = None  # GantryDetectorTilt, when present
+    normal_angle_deg: float | None = None  # slice normal from the head–feet axis
+
+    def outside(
+        self, ranges: Mapping[str, object], resampled_from: tuple[int, int] | None = None
+    ) -> list[str]:
+        """What lies outside `ranges` (e.g. a model card's training_geometry: {
+        "pixel_spacing_mm": [lo, hi], "slice_thickness_mm": [lo, hi],
+        "spacing_between_slices_mm": [lo, hi], "gantry_tilt_deg": [lo, hi]}), in words.
+        Pixel spacing is compared as the model sees it: after resampling to 512×512.
+        Unknown values and malformed ranges are not compared."""
+        values: dict[str, tuple[float, ...]] = {}
+        if self.pixel_spacing_mm is not None:
+            sides = resampled_from or (512, 512)
+            values["pixel_spacing_mm"] = tuple(
+                s * n / 512 for s, n in zip(self.pixel_spacing_mm, sides, strict=True)
+            )
+        for name in ("slice_thickness_mm", "spacing_between_slices_mm", "gantry_tilt_deg"):
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = (value,)
+        found = []
+        for name, seen in values.items():
+            bounds = ranges.get(name)
+            if not (isinstance(bounds, list | tuple) and len(bounds) == 2):
+                continue
+            if not all(isinstance(b, int | float) and not isinstance(b, bool) for b in bounds):
+                continue
+            lo, hi = float(bounds[0]), float(bounds[1])
+            if any(not lo <= v <= hi for v in seen):
+                shown = " × ".join(f"{v:.3g}" for v in seen)
+                label = name.replace("_", " ").removesuffix(" mm").removesuffix(" deg")
+                unit = "°" if name.endswith("_deg") else " mm"
+                found.append(
+                    f"{label} {shown}{unit} is outside the range seen in training "
+                    f"({lo:g} to {hi:g}{unit})"
+                )
+        return found
 
 
 @dataclass(frozen=True)
@@ -38,6 +91,7 @@ class Series:
     # Why this series is not judged (e.g. "not axial: ..."); None when it can be judged.
     # A set-aside series never reaches the model and cannot decide the patient.
     set_aside: str | None = None
+    geometry: Geometry | None = None  # DICOM only: TIFF has no geometry tags
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[0] != len(self.slices):

@@ -91,4 +91,8 @@ class NotReadyError(CovidCTError):
     status, type_, title = 503, "not-ready", "Model is not loaded yet"
 
 
+class ShuttingDownError(CovidCTError):
+    status, type_, title = 503, "shutting-down", "Service is shutting down, retry elsewhere"
+
+
 ALL_ERRORS: tuple[type[CovidCTError], ...] = tuple(CovidCTError.__subclasses__())

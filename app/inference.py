@@ -21,16 +21,59 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 
 from app import contract, metrics
-from app.errors import QueueFullError
-from app.settings import Settings
+from app.errors import QueueFullError, ShuttingDownError
 
 logger = logging.getLogger(__name__)
 
 FROZEN_WEIGHTS_ENV = "TF_ONEDNN_ASSUME_FROZEN_WEIGHTS"
+Device = Literal["auto", "cpu", "gpu"]
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The dynamic batcher's bounds. `warmup_sizes`: batch sizes run once at start (graph
+    and kernel selection per shape); None: every size from 1 to max_batch_size."""
+
+    max_batch_size: int = 8  # slices per model call
+    max_queue_delay_ms: float = 5.0  # how long a partial batch waits for more slices
+    max_queue_slices: int = 2048  # slices waiting before new requests are refused (503)
+    retry_after_s: int = 5  # Retry-After of that 503
+    warmup_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1. Received: {self.max_batch_size}")
+        if self.max_queue_delay_ms < 0 or self.max_queue_slices < 1 or self.retry_after_s < 1:
+            raise ValueError(
+                "max_queue_delay_ms must be >= 0, max_queue_slices and retry_after_s >= 1. "
+                f"Received: {self.max_queue_delay_ms}, {self.max_queue_slices}, "
+                f"{self.retry_after_s}"
+            )
+        sizes = self.warmup_sizes or range(1, self.max_batch_size + 1)
+        kept = tuple(sorted({s for s in sizes if 1 <= s <= self.max_batch_size}))
+        object.__setattr__(self, "warmup_sizes", kept)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which SavedModel to serve, where, and how requests reach it."""
+
+    model_dir: Path
+    device: Device = "auto"  # 'auto' (first GPU, else CPU), 'cpu' or 'gpu'
+    gpu_memory_growth: bool = True  # allocate GPU memory as needed, not all at start
+    mixed_precision: bool = False  # bfloat16 (CPU) / float16 (GPU) compute where supported
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+
+
+class Predictor(Protocol):
+    """float32 [B, 512, 512, 1] stored values → covid probability float32 [B]."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray: ...
 
 
 def configure_devices(device: str = "auto", *, memory_growth: bool = True) -> str:
@@ -82,7 +125,8 @@ class SavedModelPredictor:
             raise ValueError(f"batch must be [B, 512, 512, 1]. Received: shape={batch.shape}")
         with self._tf.device(self.device):
             out = self._fn(**{contract.INPUT_NAME: self._tf.constant(batch, self._tf.float32)})
-        return out[contract.OUTPUT_COVID].numpy().astype(np.float32)
+        probabilities: np.ndarray = out[contract.OUTPUT_COVID].numpy().astype(np.float32)
+        return probabilities
 
 
 @dataclass(eq=False)
@@ -109,42 +153,21 @@ class _Job:
 class InferenceEngine:
     """Dynamic batching over one predictor, in one worker thread."""
 
-    def __init__(
-        self,
-        predictor: SavedModelPredictor,
-        *,
-        max_batch_size: int = 4,
-        max_queue_delay_ms: float = 5.0,
-        max_queue_slices: int = 2048,
-        retry_after_s: int = 5,
-    ) -> None:
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1. Received: {max_batch_size}")
+    def __init__(self, predictor: Predictor, config: BatchingConfig | None = None) -> None:
         self.predictor = predictor
-        self.max_batch_size = max_batch_size
-        self.max_queue_delay_s = max_queue_delay_ms / 1000.0
-        self.max_queue_slices = max_queue_slices
-        self.retry_after_s = retry_after_s
+        self.config = config or BatchingConfig()
         self._jobs: deque[_Job] = deque()
         self._queued = 0  # slices not yet finished, over all jobs
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="covidct-inference", daemon=True)
 
-    @classmethod
-    def from_settings(cls, predictor: SavedModelPredictor, settings: Settings) -> InferenceEngine:
-        """An engine with the batching and queue bounds of the settings."""
-        return cls(
-            predictor,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_ms=settings.max_queue_delay_ms,
-            max_queue_slices=settings.max_queue_slices,
-            retry_after_s=settings.retry_after_s,
-        )
-
     @property
     def card(self) -> contract.ModelCard:
-        return self.predictor.card
+        card = getattr(self.predictor, "card", None)
+        if not isinstance(card, contract.ModelCard):
+            raise AttributeError("this engine's predictor carries no model card")
+        return card
 
     @property
     def queued_slices(self) -> int:
@@ -154,16 +177,26 @@ class InferenceEngine:
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Finish the model call in progress; every slice still queued fails its request
+        with ShuttingDownError (503), so that no request waits for a stopped engine."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        with self._cond:
+            left, self._queued = list(self._jobs), 0
+            self._jobs.clear()
+            metrics.INFERENCE_QUEUE_DEPTH.set(0)
+        for job in left:
+            error = ShuttingDownError("the service stopped before this request was scored")
+            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
 
-    def warm_up(self, batch_sizes: list[int]) -> dict[int, float]:
-        """Run each batch size once (graph tracing, kernel selection); returns seconds per size."""
+    def warm_up(self) -> dict[int, float]:
+        """Run each warm-up batch size once (graph tracing, kernel selection); returns
+        seconds per size."""
         seconds = {}
-        for size in batch_sizes:
+        for size in self.config.warmup_sizes or ():
             t0 = time.perf_counter()
             self.predictor(
                 np.zeros((size, contract.IMAGE_SIZE, contract.IMAGE_SIZE, 1), np.float32)
@@ -178,14 +211,15 @@ class InferenceEngine:
             return np.zeros(0, dtype=np.float32)
         loop = asyncio.get_running_loop()
         job = _Job(stack, loop.create_future(), loop)
+        limit = self.config.max_queue_slices
         with self._cond:
             if self._stopping:
-                raise RuntimeError("inference engine is stopped")
-            if self._queued + len(stack) > self.max_queue_slices and self._queued > 0:
+                raise ShuttingDownError("the inference engine is stopped")
+            if self._queued + len(stack) > limit and self._queued > 0:
                 raise QueueFullError(
                     f"{self._queued} slices are waiting; this request adds {len(stack)} "
-                    f"to a queue of at most {self.max_queue_slices}",
-                    retry_after_s=self.retry_after_s,
+                    f"to a queue of at most {limit}",
+                    retry_after_s=self.config.retry_after_s,
                 )
             self._jobs.append(job)
             self._queued += len(stack)
@@ -218,6 +252,7 @@ class InferenceEngine:
 
     def _next_batch(self) -> list[tuple[_Job, int, int]] | None:
         """Take up to max_batch_size slices, waiting max_queue_delay for a partial batch."""
+        max_batch = self.config.max_batch_size
         with self._cond:
             while True:
                 self._drop_cancelled()
@@ -227,15 +262,15 @@ class InferenceEngine:
                 if available:
                     break
                 self._cond.wait()
-            deadline = time.perf_counter() + self.max_queue_delay_s
-            while available < self.max_batch_size and not self._stopping:
+            deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
+            while available < max_batch and not self._stopping:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
                 self._drop_cancelled()
                 available = sum(len(j.stack) - j.next_index for j in self._jobs)
-            parts, room = [], self.max_batch_size
+            parts, room = [], max_batch
             for job in self._jobs:
                 take = min(room, len(job.stack) - job.next_index)
                 if take <= 0:
@@ -270,7 +305,8 @@ class InferenceEngine:
                     self._queued -= len(job.stack) - job.done
                     job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
                     continue
-                job.result[a:b] = probs[offset : offset + (b - a)]  # type: ignore[index]
+                assert probs is not None
+                job.result[a:b] = probs[offset : offset + (b - a)]
                 offset += b - a
                 job.done += b - a
                 self._queued -= b - a
@@ -287,12 +323,12 @@ def _settle(
         return
     if exc is not None:
         future.set_exception(exc)
-    else:
-        future.set_result(result)  # type: ignore[arg-type]
+    elif result is not None:
+        future.set_result(result)
 
 
-def load_engine(settings: Settings) -> InferenceEngine:
-    """Load, check and warm the model described by the settings; blocking (run it off the loop).
+def load_engine(config: ModelConfig) -> InferenceEngine:
+    """Load, check and warm the model the config names; blocking (run it off the loop).
 
     Also lets oneDNN keep its reordered copy of each convolution kernel instead of
     reordering the weights on every call (~25 % faster at batch 1 on a CPU). That is only
@@ -301,14 +337,14 @@ def load_engine(settings: Settings) -> InferenceEngine:
     shape, so a process that trains or compares models must set the variable to 0 first.
     """
     os.environ.setdefault(FROZEN_WEIGHTS_ENV, "1")
-    device = configure_devices(settings.device, memory_growth=settings.gpu_memory_growth)
-    if settings.mixed_precision:
+    device = configure_devices(config.device, memory_growth=config.gpu_memory_growth)
+    if config.mixed_precision:
         logger.info("reduced precision enabled", extra={"option": enable_mixed_precision(device)})
     t0 = time.perf_counter()
-    predictor = SavedModelPredictor(settings.model_dir, device)
+    predictor = SavedModelPredictor(config.model_dir, device)
     logger.info(
         "model loaded", extra={"seconds": round(time.perf_counter() - t0, 2), "device": device}
     )
-    engine = InferenceEngine.from_settings(predictor, settings)
-    engine.warm_up(settings.warmup_sizes)
+    engine = InferenceEngine(predictor, config.batching)
+    engine.warm_up()
     return engine

@@ -53,7 +53,7 @@ _QUIET_WARNING_MODULES = r"(pydicom|tifffile|pylibjpeg|libjpeg|openjpeg|rle|PIL)
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
@@ -76,7 +76,8 @@ def _redact(record: logging.LogRecord) -> None:
     """Keep where and how bad (logger, level, source line, warning category), drop what."""
     message = WITHHELD
     if record.name == "py.warnings" and record.args:
-        head = _WARNING_HEAD.match(str(record.args[0]))
+        first = record.args[0] if isinstance(record.args, tuple) else record.args
+        head = _WARNING_HEAD.match(str(first))
         if head:
             message = f"{head['category']} at {head['where']}: {WITHHELD}"
     if record.exc_info and record.exc_info[0] is not None:

@@ -18,7 +18,7 @@ HTTP_REQUESTS_IN_FLIGHT = Gauge(
 )
 STAGE_DURATION = Histogram(
     "covidct_stage_duration_seconds",
-    "Wall time of one pipeline stage for one request (decode, select, infer, diagnose)",
+    "Wall time of one pipeline stage for one request (ingest, select, infer, diagnose)",
     ["stage"],
     buckets=_SECONDS,
 )

@@ -1,34 +1,47 @@
 """One request through the stages: ingest → select → infer → diagnose.
 
-The route only calls `diagnose_upload`; the benchmark calls it in process too.
+The route only calls `diagnose_upload`; the benchmark calls it in process too. Each stage
+gets its own config (`PipelineConfig`), built once at start-up (app/settings.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
 from app import metrics
-from app.decode_pool import DecodePool
-from app.diagnosis import judge_patient, judge_series, model_slices
+from app.diagnosis import PatientRule, judge_patient, judge_series, model_slices
 from app.domain import PatientResult, SeriesResult, Study
 from app.inference import InferenceEngine
-from app.ingest import ingest_zip
-from app.selection import SelectionRule, select_open_lung
-from app.settings import Settings
+from app.ingest import DecodePool, IngestLimits, ingest_zip
+from app.selection import PAPER_RULE, SelectionRule, select_open_lung
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What each stage of a request applies: ingest's limits, the open-lung rule and the
+    patient rule (whose threshold a request may replace)."""
+
+    ingest: IngestLimits = field(default_factory=IngestLimits)
+    selection: SelectionRule = PAPER_RULE
+    patient: PatientRule = field(default_factory=PatientRule)
 
 
 async def diagnose_study(
-    study: Study, engine: InferenceEngine, settings: Settings, *, threshold: float
+    study: Study,
+    engine: InferenceEngine,
+    rule: SelectionRule,
+    *,
+    threshold: float,
 ) -> PatientResult:
     """Select, infer and judge every series of an ingested study."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    rule = settings_rule(settings)
     selections = await run_in_threadpool(
         lambda: [select_open_lung(s.pixels, rule) for s in study.series]
     )
@@ -64,18 +77,21 @@ async def diagnose_study(
 async def diagnose_upload(
     archive: bytes | BinaryIO,
     engine: InferenceEngine,
-    settings: Settings,
+    config: PipelineConfig,
     *,
-    threshold: float,
+    threshold: float | None = None,
     decode_pool: DecodePool | None = None,
 ) -> tuple[Study, PatientResult]:
-    """The whole pipeline for one uploaded zip; decoding runs in a worker thread, and its
-    pixel decoding in `decode_pool`'s processes when there is one."""
+    """The whole pipeline for one uploaded zip; `threshold` None: the patient rule's.
+
+    Ingest runs in a worker thread, its pixel decoding in `decode_pool`'s processes when
+    there is one."""
+    t = config.patient.threshold if threshold is None else threshold
     t0 = time.perf_counter()
-    study = await run_in_threadpool(ingest_zip, archive, settings, decode_pool)
-    decode_ms = _observe("decode", t0)
-    result = await diagnose_study(study, engine, settings, threshold=threshold)
-    result.timings_ms["decode"] = decode_ms
+    study = await run_in_threadpool(ingest_zip, archive, config.ingest, decode_pool)
+    ingest_ms = _observe("ingest", t0)
+    result = await diagnose_study(study, engine, config.selection, threshold=t)
+    result.timings_ms["ingest"] = ingest_ms
     return study, result
 
 
@@ -83,13 +99,3 @@ def _observe(stage: str, t0: float) -> float:
     seconds = time.perf_counter() - t0
     metrics.STAGE_DURATION.labels(stage).observe(seconds)
     return round(seconds * 1000, 2)
-
-
-def settings_rule(settings: Settings) -> SelectionRule:  # temporary: issue 9 moves this
-    return SelectionRule(
-        dark_value=settings.dark_value,
-        roi_rows=settings.roi_rows,
-        roi_cols=settings.roi_cols,
-        divisor=settings.threshold_divisor,
-        min_lung_pixels=settings.min_lung_pixels,
-    )

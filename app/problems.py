@@ -79,7 +79,8 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
         # byte limit, raised from `receive`) in a 400; answer with the real failure.
         return problem_for(exc.__cause__)
     type_ = _HTTP_TYPES.get(exc.status_code, "http-error")
-    return problem(exc.status_code, type_, str(exc.detail), str(exc.detail), exc.headers)
+    headers = dict(exc.headers) if exc.headers is not None else None
+    return problem(exc.status_code, type_, str(exc.detail), str(exc.detail), headers)
 
 
 def _unexpected() -> JSONResponse:

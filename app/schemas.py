@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from pydantic import BaseModel, Field
@@ -47,6 +48,21 @@ class VerdictOut(BaseModel):
     reason: str
 
 
+class GeometryOut(BaseModel):
+    pixel_spacing_mm: list[float] | None = Field(
+        None, description="between rows, between columns, in the standard display, as stored"
+    )
+    slice_thickness_mm: float | None = None
+    spacing_between_slices_mm: float | None = Field(
+        None, description="median gap along the slice normal, measured from the positions"
+    )
+    spacing_uniform: bool | None = None
+    gantry_tilt_deg: float | None = None
+    normal_angle_deg: float | None = Field(
+        None, description="slice normal from the head-feet axis (axial: at most 30)"
+    )
+
+
 class SeriesOut(BaseModel):
     index: int
     kind: str
@@ -55,6 +71,10 @@ class SeriesOut(BaseModel):
     slices_total: int
     resampled_from: list[int] | None
     notes: list[str]
+    set_aside: str | None = Field(
+        None, description="why the series is not judged (e.g. not axial); null when judged"
+    )
+    geometry: GeometryOut | None = Field(None, description="DICOM only; null for TIFF")
     selection: SelectionOut
     verdict: VerdictOut
     slices: list[SliceOut]
@@ -89,7 +109,10 @@ class DiagnosisOut(BaseModel):
     model: ModelSummary
     series: list[SeriesOut]
     skipped: list[SkippedOut]
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float] = Field(
+        description="wall time of each stage of this request, in ms: ingest (unzip and "
+        "decode), select, infer, diagnose"
+    )
 
 
 def model_summary(card: ModelCard) -> ModelSummary:
@@ -113,6 +136,8 @@ def _series_out(r: SeriesResult) -> SeriesOut:
         slices_total=len(s.slices),
         resampled_from=list(s.resampled_from) if s.resampled_from else None,
         notes=list(s.notes),
+        set_aside=s.set_aside,
+        geometry=GeometryOut(**dataclasses.asdict(s.geometry)) if s.geometry else None,
         selection=SelectionOut(
             threshold=sel.threshold,
             selected=sel.n_selected,
@@ -142,6 +167,15 @@ def diagnosis_out(
     v = result.verdict
     warnings = [UNTRAINED_WARNING] if card.untrained else []
     warnings += [f"series {s.index}: {note}" for s in study.series for note in s.notes]
+    warnings += [f"series {s.index} set aside, {s.set_aside}" for s in study.series if s.set_aside]
+    trained_on = (card.model_extra or {}).get("training_geometry")  # optional card field
+    if isinstance(trained_on, dict):
+        warnings += [
+            f"series {s.index}: {found}"
+            for s in study.series
+            if s.geometry is not None and s.set_aside is None
+            for found in s.geometry.outside(trained_on, s.resampled_from)
+        ]
     return DiagnosisOut(
         request_id=request_id,
         patient_id=patient_id,

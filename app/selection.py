@@ -54,7 +54,8 @@ def dark_pixel_counts(stack: np.ndarray, rule: SelectionRule = PAPER_RULE) -> np
         raise ValueError(f"stack must be [N, H, W]. Received: shape={stack.shape}")
     rows, cols = rule.roi_rows, rule.roi_cols
     roi = stack[:, rows[0] : rows[1], cols[0] : cols[1]]
-    return np.count_nonzero(roi < rule.dark_value, axis=(1, 2)).astype(np.int64)
+    counts: np.ndarray = np.count_nonzero(roi < rule.dark_value, axis=(1, 2)).astype(np.int64)
+    return counts
 
 
 def select_open_lung(stack: np.ndarray, rule: SelectionRule = PAPER_RULE) -> Selection:

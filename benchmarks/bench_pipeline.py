@@ -169,13 +169,13 @@ def baseline_in_subprocess(limit: int | None) -> dict:
 
 
 def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrides) -> dict:
-    from app.decode_pool import DecodePool
     from app.inference import load_engine
+    from app.ingest import DecodePool
     from app.pipeline import diagnose_upload
     from app.settings import Settings
 
     settings = Settings(_env_file=None, model_dir=model_dir, **overrides)
-    engine = load_engine(settings)
+    engine = load_engine(settings.served_model())
     engine.start()
     workers = settings.decode_workers
     pool = DecodePool(workers) if workers else None  # as the service's Runtime holds one
@@ -186,7 +186,7 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
         nonlocal probs
         t0 = time.perf_counter()
         _, result = await diagnose_upload(
-            archive, engine, settings, threshold=0.1, decode_pool=pool
+            archive, engine, settings.pipeline_config(), threshold=0.1, decode_pool=pool
         )
         total = time.perf_counter() - t0
         n = result.series[0].selection.n_selected
@@ -349,7 +349,7 @@ def main() -> None:
     pipe_sps = 133 / pipe["total"]
     model_gflops = n * GFLOP_PER_SLICE / pipe["infer"]
     non_model = pipe["total"] - pipe["infer"]
-    log(f"  medians over {args.repeats}: decode {pipe['decode']:.2f} s, select {pipe['select']:.3f} s, "
+    log(f"  medians over {args.repeats}: ingest {pipe['ingest']:.2f} s, select {pipe['select']:.3f} s, "
         f"infer {pipe['infer']:.2f} s ({n} slices), diagnose {pipe['diagnose']:.4f} s, "
         f"total {pipe['total']:.2f} s → {pipe_sps:.2f} slices/s")  # fmt: skip
     best_gflops = n * GFLOP_PER_SLICE / pipe["infer_best"]

@@ -5,8 +5,9 @@
     python -m models train --run-dir runs/fold1 --csv-dir CSV --images DATA --fold 1 [...]
     python -m models export runs/fold1/best.keras --out var/models/fold1
     python -m models evaluate var/models/fold1 --out reports/fold1
-        [--csv-dir CSV --images DATA --fold 1] [--patients RAW]
+        [--csv-dir CSV --images DATA --fold 1] [--patients RAW] [--covid-ct-md DIR]
     python -m models import-weights FPN-fold1.hdf5 --out var/models/paper-fold1
+    python -m models verify-import FPN-fold1.hdf5 var/models/paper-fold1 [--dicom-dir DIR]
 
 `python -m models COMMAND --help` documents each command's options.
 
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models import evaluate, import_weights, train
+from models import checkpoint, evaluate, import_weights, train, verify_import
 
 # Not __name__: run with -m, that is "__main__".
 logger = logging.getLogger("models.cli")
@@ -85,9 +86,10 @@ def _run_build_default(args: argparse.Namespace) -> int:
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore[type-arg]
     _add_build_default,
     train.add_train_command,
-    train.add_export_command,
+    checkpoint.add_command,
     evaluate.add_command,
     import_weights.add_command,
+    verify_import.add_command,
 ]
 
 

@@ -2,8 +2,7 @@
 
 Rahimzadeh, Attar & Sakhaei (2021), section 2.3, figure 9; DESIGN.md section 3.
 
-    slices [N, 512, 512, 1] float32, raw stored values (HU + 1024)
-      -> slice_max_normalisation (each slice / its own maximum, inside the graph)
+    slices [N, 512, 512, 1] float32, raw stored values (HU + 1024), NOT scaled
       -> ResNet50V2 (Keras layer names kept, so weights map by name)
            C3 = conv4_block1_preact_relu  [N, 32, 32,  512]
            C4 = conv5_block1_preact_relu  [N, 16, 16, 1024]
@@ -15,6 +14,12 @@ Rahimzadeh, Attar & Sakhaei (2021), section 2.3, figure 9; DESIGN.md section 3.
       -> classification: dense(2, softmax); class 0 = covid, class 1 = normal
 
 Shapes are for the 512 x 512 input; 34,058,656 parameters in all.
+
+No scaling of the input (DESIGN.md section 3): the authors fed the raw 16-bit values
+(`cv2.imread(..., IMREAD_UNCHANGED)`) straight to `predict`, and the paper warns that
+dividing by a constant or by each image's own maximum can reduce the accuracy. The first
+layer after the input is the backbone's `conv1_pad`; the model card says
+`preprocessing: none` (app/contract.py), and the export refuses a graph that scales.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ C5_LAYER = "post_relu"
 BACKBONE_FEATURE_LAYERS = (C3_LAYER, C4_LAYER, C5_LAYER)
 PYRAMID_LEVELS = ("P3", "P4", "P5", "P6", "P7")
 FEATURE_LAYERS = (*BACKBONE_FEATURE_LAYERS, *PYRAMID_LEVELS)
-NORMALISATION_LAYER = "slice_max_normalisation"
 CLASSIFICATION_LAYER = "classification"
 # The first convolution sees one channel instead of ImageNet's three: the only backbone
 # layer whose ImageNet weights cannot be copied as they are (paper section 2.4).
@@ -45,28 +49,6 @@ PAPER_PARAMETERS = 34_058_656  # for a 512 x 512 x 1 input
 # Forward pass of one 512 x 512 slice: 20.4 G multiply-adds = 40.8 GFLOP (2 FLOP per
 # multiply-add), counted over the convolutions and dense layers by `estimate_gflops`.
 GFLOPS_PER_SLICE = 40.8
-
-
-@keras.saving.register_keras_serializable(package="covidct")
-class SliceMaxNormalisation(layers.Layer):
-    """Divide every slice by its own maximum (at least `floor`), as the paper's TIFFs were.
-
-    Output is invariant to scaling a slice by a positive factor (while its maximum stays
-    above `floor`); a blank slice (maximum 0) stays 0 instead of becoming NaN.
-    """
-
-    def __init__(self, *, floor: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        if not floor > 0:
-            raise ValueError(f"floor must be positive. Received: floor={floor}")
-        self.floor = float(floor)
-
-    def call(self, inputs: Any) -> Any:
-        peak = ops.max(inputs, axis=(1, 2, 3), keepdims=True)
-        return inputs / ops.maximum(peak, self.floor)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "floor": self.floor}
 
 
 @keras.saving.register_keras_serializable(package="covidct")
@@ -166,7 +148,7 @@ def build_fpn_resnet50v2(
     seed: int | None = None,
     name: str = "fpn_resnet50v2",
 ) -> keras.Model:
-    """The untrained network; input float32 [N, size, size, 1] raw stored values.
+    """The untrained network; input float32 [N, size, size, 1] raw stored values, unscaled.
 
     Output [N, 2] softmax, class 0 = covid, class 1 = normal.
 
@@ -183,10 +165,7 @@ def build_fpn_resnet50v2(
     if seed is not None:
         keras.utils.set_random_seed(seed)
     slices = keras.Input((input_size, input_size, 1), dtype="float32", name="slices")
-    normalised = SliceMaxNormalisation(name=NORMALISATION_LAYER)(slices)
-    backbone = keras.applications.ResNet50V2(
-        include_top=False, weights=None, input_tensor=normalised
-    )
+    backbone = keras.applications.ResNet50V2(include_top=False, weights=None, input_tensor=slices)
     c3, c4, c5 = (backbone.get_layer(n).output for n in BACKBONE_FEATURE_LAYERS)
     pyramid = _fpn(c3, c4, c5)
     heads = [

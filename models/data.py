@@ -9,9 +9,13 @@ Three layouts are read:
 - raw patient folders, as `COVID-CTset.zip` ships them:
   `<root>/<class>/<patient>/<series>/*.tif` (series SR_2, SR_3, SR_4), for evaluation.
 
-Slices are fed as they are stored: raw 16-bit values (HU + 1024), or the float TIFFs the
-authors normalised to [0, 1] per slice. The model divides every slice by its own maximum
-as its first layer, so both give the same network input.
+Slices are fed as they are stored: raw 16-bit values (HU + 1024), unscaled, as the paper's
+network takes them (the authors read their TIFFs with `cv2.IMREAD_UNCHANGED` and fed them
+straight to the network; DESIGN.md section 3). Float TIFFs (images someone normalised to
+[0, 1], e.g. for display) have lost those values and are refused.
+
+`TrainingData` is what `models.train` trains on: the fold layout (`fold_data`) or the
+class folders (`folder_data`).
 
 TensorFlow is imported only by the functions that build the tf.data pipeline.
 """
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ import numpy as np
 import tifffile
 
 from app.contract import CLASS_NAMES, IMAGE_SIZE
+from app.ingest import natural_key  # the service's natural sort (IM00010 after IM00009)
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -77,13 +81,8 @@ def class_index(name: str) -> int | None:
     return None
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort key that puts IM00010 after IM00009 and IM2 before IM10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
-
-
 def read_slice(path: str | Path) -> np.ndarray:
-    """One 512×512 slice as float32, values as stored (16-bit raw or float [0, 1])."""
+    """One 512×512 slice as float32, the raw integer stored values unscaled."""
     try:
         image = tifffile.imread(path)
     except Exception as e:  # tifffile raises several kinds for a broken file
@@ -94,7 +93,17 @@ def read_slice(path: str | Path) -> np.ndarray:
             f"a slice must be one {IMAGE_SIZE}×{IMAGE_SIZE} image. Received: "
             f"shape={image.shape} in {path}"
         )
+    _check_raw(image.dtype, path)
     return image.astype(np.float32)
+
+
+def _check_raw(dtype: np.dtype[Any], where: str | Path) -> None:
+    if not np.issubdtype(dtype, np.integer):
+        raise DatasetError(
+            f"slices must hold raw integer stored values, not {dtype} (a float TIFF "
+            f"normalised to [0, 1] has lost the values the network and the open-lung rule "
+            f"take). Received: {where}"
+        )
 
 
 def read_series(folder: str | Path) -> np.ndarray:
@@ -109,11 +118,7 @@ def read_series(folder: str | Path) -> np.ndarray:
     stack = np.stack([tifffile.imread(f) for f in files])
     if stack.ndim != 3 or stack.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
         raise DatasetError(f"series must be [N, 512, 512]. Received: {stack.shape} in {folder}")
-    if not np.issubdtype(stack.dtype, np.integer):
-        raise DatasetError(
-            f"series must hold raw integer stored values, not {stack.dtype} (a float TIFF "
-            f"normalised to [0, 1] cannot be judged by the open-lung rule). Received: {folder}"
-        )
+    _check_raw(stack.dtype, folder)
     return stack
 
 
@@ -248,6 +253,40 @@ def describe(samples: Sequence[LabeledSlice]) -> str:
     """'1820 covid, 1916 normal slices'."""
     counts = Counter(s.label for s in samples)
     return ", ".join(f"{counts[i]} {name}" for i, name in enumerate(CLASS_NAMES)) + " slices"
+
+
+# --- training data ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    train: tuple[LabeledSlice, ...]
+    validation: tuple[LabeledSlice, ...]
+    description: str  # goes into the model card's training_data
+    fold: int | None = None
+
+
+def fold_data(csv_dir: str | Path, images_dir: str | Path, fold: int) -> TrainingData:
+    """COVID-CTset's fold layout: CSV/train<k>.csv and CSV/validation<k>.csv over one folder."""
+    splits = {}
+    for split in ("train", "validation"):
+        path = fold_csv(csv_dir, split, fold)
+        splits[split] = (path, tuple(read_fold_csv(path, images_dir)))
+    description = f"COVID-CTset fold {fold}: " + "; ".join(
+        f"{path.name} ({describe(samples)})" for path, samples in splits.values()
+    )
+    return TrainingData(splits["train"][1], splits["validation"][1], description, fold)
+
+
+def folder_data(train_dir: str | Path, validation_dir: str | Path) -> TrainingData:
+    """Class folders: <train_dir>/{covid,normal}/ and <validation_dir>/{covid,normal}/."""
+    train = tuple(read_class_folders(train_dir))
+    validation = tuple(read_class_folders(validation_dir))
+    description = (
+        f"class folders: {Path(train_dir).name} ({describe(train)}); "
+        f"{Path(validation_dir).name} ({describe(validation)})"
+    )
+    return TrainingData(train, validation, description)
 
 
 # --- the tf.data pipeline ---------------------------------------------------------------------

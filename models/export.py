@@ -2,7 +2,11 @@
 
 The SavedModel holds one signature, `serving_default`: input `slices` float32
 [N, 512, 512, 1] raw stored values; outputs `covid_probability` [N] and `probabilities`
-[N, 2] (app/contract.py). The model card goes in `assets/`. The weights are stored once
+[N, 2] (app/contract.py). The model card goes in `assets/`, completed with the intended
+use, out-of-scope uses, limitations and preprocessing (`contract.complete_card`), and the
+check after saving refuses a card and a graph that disagree about preprocessing
+(`contract.check_preprocessing`: the paper's network takes the raw values, unscaled).
+The weights are stored once
 (about 136 MB for 34.06 M float32 values): `keras.Model.export` would store them twice.
 The network is rewritten for inference first (models/inference_graph.py): batch norms
 folded into the convolution before them, or else computed by the fused kernel.
@@ -84,7 +88,7 @@ def export_saved_model(
     _check_destination(out, overwrite=overwrite)
     serving, rewritten = inference_graph(model)
     module = serving_module(serving)
-    card = card.model_copy(
+    card = contract.complete_card(card).model_copy(
         update={
             "parameters": int(model.count_params()),  # the paper's count, before the rewrite
             **rewritten,
@@ -118,14 +122,17 @@ def untrained_card(
     *, seed: int | None, head_init_std: float, version: str | None = None
 ) -> ModelCard:
     """The card of a randomly initialised model: says plainly that it is not trained."""
-    return ModelCard(
+    card = ModelCard(
         version=version or f"0.0.0+untrained.seed{seed}",
         weights_source="untrained",
         weights_detail=UNTRAINED_DETAIL.format(seed=seed, head_init_std=head_init_std),
+        training_data="none: random initialisation, never trained",
+        evaluation_data="none: an untrained model is not evaluated",
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         seed=seed,
         head_init_std=head_init_std,
     )
+    return contract.complete_card(card)
 
 
 def build_default(
@@ -191,8 +198,10 @@ def verify_saved_model(saved_model_dir: str | Path, *, run: bool = True) -> Any:
     """Load a SavedModel and check it against app.contract; return the loaded object.
 
     Checks the signature's input name, shape and dtype, the output names, shapes and
-    dtypes, and the model card; with `run`, also one forward pass of a synthetic slice
-    (finite probabilities that sum to 1). Raises SavedModelContractError.
+    dtypes, the model card, and that the card's `preprocessing` agrees with the graph (a
+    card saying none needs a graph that hands `slices` to its first convolution
+    unchanged); with `run`, also one forward pass of a synthetic slice (finite
+    probabilities that sum to 1). Raises SavedModelContractError.
     Keep the returned object alive while its signatures are used.
     """
     path = Path(saved_model_dir)
@@ -214,6 +223,7 @@ def verify_saved_model(saved_model_dir: str | Path, *, run: bool = True) -> Any:
         )
     fn = loaded.signatures[contract.SIGNATURE_KEY]
     contract.check_signature(fn)
+    contract.check_preprocessing(fn, card)
     if run:
         _verify_forward(fn)
     logger.info("%s keeps the serving contract (%s weights)", path, card.weights_source)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.import_weights import WeightImportError, read_keras2_h5
+from models.keras2_hdf5 import WeightImportError, read_keras2_h5
 
 logger = logging.getLogger(__name__)
 

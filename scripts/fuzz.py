@@ -28,6 +28,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from app.ingest import configure_libraries  # noqa: E402
 from app.main import create_app  # noqa: E402
 from hostile import check_answer, mutated_uploads, p002_slice, post, seed_corpus, series_corpus  # noqa: E402
 from shared_data import P002, zip_files  # noqa: E402
@@ -58,6 +59,7 @@ def main() -> int:
         return 2
 
     logging.basicConfig(level=logging.ERROR)  # the service's skip notes would flood the output
+    configure_libraries()  # before this process's own pydicom reads (the corpus); the app's too
     settings = make_settings(ensure_model(args.model_dir), max_batch_size=4)
     counts: collections.Counter[str] = collections.Counter()
     by_mutator: collections.Counter[str] = collections.Counter()

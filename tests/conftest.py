@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.inference import FROZEN_WEIGHTS_ENV
+from app.ingest import configure_libraries
 from app.logs import protect_library_logs
 from app.main import create_app
 from support import WIDE_HEAD_STD, make_settings, wait_ready
@@ -20,6 +21,10 @@ TEST_SEED = 0
 # weights cache would hand one layer's weights to another of the same shape. The service
 # turns it on in load_engine; test_inference checks that mode in a process of its own.
 os.environ[FROZEN_WEIGHTS_ENV] = "0"
+
+# What the service does at start-up: pydicom reads untrusted input without echoing tag
+# values, GDCM is out of the decoders. Tests that call ingest directly rely on it.
+configure_libraries()
 
 
 @pytest.fixture(scope="session")

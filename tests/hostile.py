@@ -1,5 +1,5 @@
 """Hostile and broken uploads: crafted archives, seeded mutations of the real fixtures,
-planted patient data, and apps that share one loaded model.
+and apps that share one loaded model (files with patient data planted: dicom_factory.py).
 
 Used by tests/test_hostile_input.py, test_fuzz.py, test_phi.py, test_access.py,
 test_openapi_schemathesis.py and by scripts/fuzz.py and scripts/load_test.py.
@@ -19,29 +19,17 @@ from typing import Any
 
 import numpy as np
 import pydicom
-import tifffile
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.inference import InferenceEngine, SavedModelPredictor
+from app.inference import InferenceEngine, ModelConfig, SavedModelPredictor
 from app.main import create_app
+from dicom_factory import dicom_bytes, tiff_bytes
 from shared_data import P002, VARIANTS, zip_files
 from support import make_settings, wait_ready
 
 PROBLEM_JSON = "application/problem+json"
 DIAGNOSE = "/patients/diagnose"
-
-# Patient data planted in tags and member names: must never reach a log or an error body.
-PHI_NAME = "DOE^JOHN"
-PHI_STRINGS = (
-    PHI_NAME,
-    "DOE_JOHN",
-    "MRN4711XQ",  # PatientID
-    "19700131",  # PatientBirthDate
-    "StElsewhereGeneral",  # InstitutionName
-    "SecretPrivateNote",  # a private tag
-)
-
 
 # --- requests and answers ---------------------------------------------------------------
 
@@ -130,8 +118,8 @@ def sharing_app(predictor: SavedModelPredictor, model_dir: Path, **overrides: ob
     so a test with other limits does not load (and warm) the model again."""
     settings = make_settings(model_dir, **overrides)
 
-    def loader(s: Any) -> InferenceEngine:
-        return InferenceEngine.from_settings(predictor, s)
+    def loader(config: ModelConfig) -> InferenceEngine:
+        return InferenceEngine(predictor, config.batching)
 
     return create_app(settings, loader=loader)
 
@@ -223,68 +211,13 @@ def corrupt_deflate(member: bytes) -> bytes:
 # --- images --------------------------------------------------------------------------------
 
 
-def dicom_bytes(ds: pydicom.Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=False)
-    return buf.getvalue()
-
-
-def synthetic_ct(
-    values: np.ndarray,
-    *,
-    z: float = 0.0,
-    uid: str = "1.2.826.0.1.3680043.8.498.77",
-    bits: int = 16,
-    samples: int = 1,
-    photometric: str = "MONOCHROME2",
-) -> bytes:
-    """A small uncompressed CT slice (stored values `values`) with patient data planted."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "CT", uid, 1
-    ds.ImagePositionPatient, ds.ImageOrientationPatient = [0, 0, z], [1, 0, 0, 0, 1, 0]
-    ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = samples, photometric
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    ds.Rows, ds.Columns = values.shape[:2]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = values.astype(np.uint8 if bits == 8 else np.uint16).tobytes()
-    return dicom_bytes(plant_phi(ds))
-
-
 def p002_slice(number: int = 60) -> Path:
     return P002 / f"IM{number:04d}.dcm"
-
-
-def tiff_bytes(values: np.ndarray, **kwargs: object) -> bytes:
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, values, **kwargs)
-    return buf.getvalue()
 
 
 def p002_tiff(number: int = 60, **kwargs: object) -> bytes:
     """A COVID-CTset-like 16-bit TIFF of a real slice (stored values as they are)."""
     return tiff_bytes(pydicom.dcmread(p002_slice(number)).pixel_array.astype(np.uint16), **kwargs)
-
-
-def plant_phi(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """Patient data in the usual tags, an institution and a private tag."""
-    ds.PatientName = PHI_NAME
-    ds.PatientID = "MRN4711XQ"
-    ds.PatientBirthDate = "19700131"
-    ds.InstitutionName = "StElsewhereGeneral"
-    block = ds.private_block(0x0011, "COVIDCT TEST", create=True)
-    block.add_new(0x01, "LO", "SecretPrivateNote")
-    return ds
 
 
 # --- seeded mutations -------------------------------------------------------------------------

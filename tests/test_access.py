@@ -102,10 +102,10 @@ def test_every_key_is_compared_whichever_matches(monkeypatch: pytest.MonkeyPatch
         return compare(a, b)
 
     monkeypatch.setattr(guard.hmac, "compare_digest", counting)
-    settings = Settings(_env_file=None, api_keys=[*KEYS, "third-key"])  # type: ignore[call-arg]
+    keys = Settings(_env_file=None, api_keys=[*KEYS, "third-key"]).guard_config().api_keys  # type: ignore[call-arg]
     for given in (KEYS[0], KEYS[1], "third-key", "nope", "", None):
         calls.clear()
-        guard.api_key_valid(given, settings)
+        guard.api_key_valid(given, keys)
         # One comparison per configured key, all of digests of equal length.
         assert calls == [64, 64, 64], given
 
@@ -114,8 +114,11 @@ def test_keys_from_the_environment_and_never_printed(monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("COVIDCT_API_KEYS", f'["{KEYS[0]}", "{KEYS[1]}"]')
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert [k.get_secret_value() for k in settings.api_keys] == KEYS
-    assert guard.api_key_valid(KEYS[1], settings)
-    assert KEYS[0] not in repr(settings) and KEYS[0] not in str(settings.model_dump())
+    config = settings.service_config()
+    assert guard.api_key_valid(KEYS[1], config.guard.api_keys)
+    assert not guard.api_key_valid(KEYS[1][:-1], config.guard.api_keys)
+    for shown in (repr(settings), str(settings.model_dump()), repr(config)):
+        assert KEYS[0] not in shown and KEYS[1] not in shown
 
 
 @pytest.mark.parametrize("keys", [[""], ["  "], [KEYS[0], ""]])

@@ -1,4 +1,5 @@
 """The deployment files: docker-compose.yml, docker/Dockerfile, deploy/prometheus.yml.
+(The Kubernetes manifests, deploy/k8s/, are checked in tests/test_k8s.py.)
 
 There is no Docker engine here, so nothing is built or started. Instead:
 - docker-compose.yml is validated against the Compose Specification JSON schema
@@ -492,6 +493,23 @@ def test_image_healthcheck_and_command(dockerfile: list[tuple[str, str]]) -> Non
     assert _args(dockerfile, "EXPOSE") == [str(PORT)]
     (entrypoint,) = _args(dockerfile, "ENTRYPOINT")
     assert json.loads(entrypoint) == ["/usr/local/bin/covidct-entrypoint"]
+
+
+def test_stop_grace_period_covers_the_drain(
+    dockerfile: list[tuple[str, str]], raw_compose: dict[str, Any]
+) -> None:
+    """SIGTERM: the service drains (at most COVIDCT_DRAIN_TIMEOUT_S), then uvicorn closes
+    what is left (--timeout-graceful-shutdown); compose must wait longer than both."""
+    from app.settings import Settings
+
+    drain = Settings.model_fields["drain_timeout_s"].default
+    (cmd,) = _args(dockerfile, "CMD")
+    cmd_args = json.loads(cmd)
+    uvicorn_grace = float(cmd_args[cmd_args.index("--timeout-graceful-shutdown") + 1])
+    compose_env = raw_compose["services"][SERVICE]["environment"]
+    assert "COVIDCT_DRAIN_TIMEOUT_S" not in compose_env, "the default is what is checked here"
+    stop_grace = _seconds(raw_compose["services"][SERVICE]["stop_grace_period"])
+    assert stop_grace >= drain + uvicorn_grace + 5, (stop_grace, drain, uvicorn_grace)
 
 
 def test_image_environment(dockerfile: list[tuple[str, str]]) -> None:

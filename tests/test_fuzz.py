@@ -1,6 +1,7 @@
 """Seeded fuzzing of POST /patients/diagnose with mutated real zips, DICOM and TIFF files:
 every answer is a 200 diagnosis or a 4xx problem+json, never a 5xx, and the service keeps
-answering. Bounded in count and time; scripts/fuzz.py runs the long version.
+answering. A fixed, seeded set of inputs (the same answers on any machine, however loaded);
+scripts/fuzz.py runs the long version.
 
 COVIDCT_FUZZ_SEED and COVIDCT_FUZZ_COUNT change the seed and the number of inputs.
 """
@@ -21,8 +22,8 @@ pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
 
 SEED = int(os.environ.get("COVIDCT_FUZZ_SEED", "20260611"))
-COUNT = int(os.environ.get("COVIDCT_FUZZ_COUNT", "400"))
-MAX_SECONDS = 90.0
+# 150 inputs: about 40 s on a loaded 2-core CPU (322 inputs took 90 s there).
+COUNT = int(os.environ.get("COVIDCT_FUZZ_COUNT", "150"))
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +32,13 @@ def raw(client: TestClient) -> TestClient:
     return TestClient(client.app, raise_server_exceptions=False)
 
 
+@pytest.mark.slow  # mutated real series through the full network
 def test_mutated_uploads_get_a_diagnosis_or_a_4xx_problem(raw: TestClient) -> None:
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
     uploads = mutated_uploads(SEED, seed_corpus(), series_corpus())
     t0 = time.perf_counter()
-    for i in range(COUNT):
-        if time.perf_counter() - t0 > MAX_SECONDS:
-            break
-        label, archive = next(uploads)
+    for i, (label, archive) in zip(range(COUNT), uploads, strict=False):
         response = post(raw, archive, patient_id=f"FUZZ-{i}")
         try:
             outcomes[check_answer(response)] += 1
@@ -50,7 +49,7 @@ def test_mutated_uploads_get_a_diagnosis_or_a_4xx_problem(raw: TestClient) -> No
     assert not failures, "\n".join(failures)
     # The mutations reach past the container: diagnoses and several kinds of refusal.
     assert outcomes["200"] > 0 and len(outcomes) >= 4, outcomes
-    assert sum(outcomes.values()) >= min(COUNT, 60)
+    assert sum(outcomes.values()) == COUNT
 
 
 def test_the_service_is_healthy_after_fuzzing(raw: TestClient) -> None:

@@ -1,7 +1,7 @@
 """Hostile and broken uploads through the real app: each failure kind gets its status and
 stable problem type, with the request id and without member names; limits hold while the
-upload streams; a 1 GiB zip bomb is refused in under a second and 100 MB; and the service
-keeps answering afterwards."""
+upload streams; a 1 GiB zip bomb is refused without being inflated, within 100 MB; and the
+service keeps answering afterwards."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import threading
 import time
 import tracemalloc
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,12 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.errors import PROBLEM_BASE
+from dicom_factory import PHI_STRINGS, dicom_bytes, synthetic_ct, tiff_bytes
 from hostile import (
     DIAGNOSE,
-    PHI_STRINGS,
     asgi_post,
     corrupt_deflate,
     diagnose_scope,
-    dicom_bytes,
     encrypted,
     nested_zip,
     overlapping_bomb,
@@ -39,8 +39,6 @@ from hostile import (
     post,
     sharing_app,
     started,
-    synthetic_ct,
-    tiff_bytes,
     zip_bomb,
     zip_by_hand,
 )
@@ -233,9 +231,22 @@ def test_truncated_pixel_data_is_corrupt(client: TestClient) -> None:
 
 
 def test_float_and_good_slice_together_keep_the_good_one(client: TestClient) -> None:
+    float_tiff = tiff_bytes(np.zeros((64, 64), np.float32))
+    archive = zip_files([("a/IM0060.dcm", p002_slice(60)), ("b/x.tif", float_tiff)])
+    r = post(client, archive)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    (series,) = body["series"]
+    assert (series["kind"], series["slices_total"], body["n"]) == ("dicom", 1, 1)
+    (skipped,) = body["skipped"]
+    assert skipped["member_index"] == 2 and "float TIFF" in skipped["reason"]
+
+
+def test_a_good_tiff_beside_a_dicom_slice_is_a_second_series(client: TestClient) -> None:
     archive = zip_files([("a/IM0060.dcm", p002_slice(60)), ("b/x.tif", p002_tiff(60))])
     body = post(client, archive).json()
-    assert len(body["series"]) == 2 and body["skipped"] == []
+    assert sorted(s["kind"] for s in body["series"]) == ["dicom", "tiff"]
+    assert body["skipped"] == []
 
 
 # --- limits -----------------------------------------------------------------------------------
@@ -306,7 +317,7 @@ def test_too_many_uploads_at_once_get_503_before_their_body_is_read(
     headers = {"content-type": "multipart/form-data; boundary=b"}
 
     async def scenario() -> list[tuple[int, dict[bytes, bytes], str]]:
-        gate, answers = asyncio.Event(), []
+        gate, reading, answers = asyncio.Event(), asyncio.Event(), []
 
         async def call(receive: Any) -> None:
             sent: list[dict[str, Any]] = []
@@ -321,6 +332,7 @@ def test_too_many_uploads_at_once_get_503_before_their_body_is_read(
         reads = 0
 
         async def slow() -> dict[str, Any]:  # the first upload is still arriving
+            reading.set()
             await gate.wait()
             return {"type": "http.request", "body": b"--b--\r\n", "more_body": False}
 
@@ -330,7 +342,7 @@ def test_too_many_uploads_at_once_get_503_before_their_body_is_read(
             return {"type": "http.request", "body": b"--b--\r\n", "more_body": False}
 
         first = asyncio.create_task(call(slow))
-        await asyncio.sleep(0.05)
+        await reading.wait()  # the first is past the door, reading its body
         await call(counted)  # while the first is in progress
         assert reads == 0
         gate.set()
@@ -358,6 +370,36 @@ def bomb() -> bytes:
     return data
 
 
+class CountingInflater:
+    """A zlib decompressor that records how many bytes it put out."""
+
+    def __init__(self, inner: Any, sizes: list[int]) -> None:
+        self.inner, self.sizes = inner, sizes
+
+    def decompress(self, data: bytes, max_length: int = 0) -> bytes:
+        out: bytes = self.inner.decompress(data, max_length)
+        self.sizes.append(len(out))
+        return out
+
+    def flush(self, *args: int) -> bytes:
+        out: bytes = self.inner.flush(*args)
+        self.sizes.append(len(out))
+        return out
+
+    def __getattr__(self, name: str) -> Any:  # eof, unconsumed_tail, unused_data
+        return getattr(self.inner, name)
+
+
+@pytest.fixture
+def inflated(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Bytes put out by every deflate decompressor while the test runs: what was inflated.
+    (A bound on work done, unlike a time limit, holds on a loaded machine.)"""
+    sizes: list[int] = []
+    make = zlib.decompressobj
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a: CountingInflater(make(*a), sizes))
+    return sizes
+
+
 class RssPeak:
     """Highest resident set size of this process while the block runs, sampled every 2 ms."""
 
@@ -378,8 +420,8 @@ class RssPeak:
         self.peak = max(self.peak, self.process.memory_info().rss)
 
 
-def test_1_gib_zip_bomb_is_refused_in_under_a_second_and_100_mb(
-    client: TestClient, bomb: bytes, valid_zip: bytes
+def test_1_gib_zip_bomb_is_refused_uninflated_within_100_mb(
+    client: TestClient, bomb: bytes, valid_zip: bytes, inflated: list[int]
 ) -> None:
     post(client, b"warm the route up")
     with RssPeak() as rss:
@@ -396,23 +438,24 @@ def test_1_gib_zip_bomb_is_refused_in_under_a_second_and_100_mb(
         tracemalloc.stop()
     print(
         f"1 GiB zip bomb ({len(bomb)} bytes): refused in {elapsed * 1000:.0f} ms, RSS +"
-        f"{(rss.peak - rss.start) / 2**20:.1f} MiB, traced peak {traced_peak / 2**20:.1f} MiB"
+        f"{(rss.peak - rss.start) / 2**20:.1f} MiB, traced peak {traced_peak / 2**20:.1f} MiB, "
+        f"{sum(inflated)} bytes inflated"
     )
-    assert elapsed < 1.0
+    assert sum(inflated) == 0  # refused on what the archive declares
     assert rss.peak - rss.start < 100 << 20
     assert traced_peak < 100 << 20
     assert_still_serving(client, valid_zip)
 
 
 def test_bomb_that_understates_its_size_stops_at_the_declared_size(
-    client: TestClient, bomb: bytes
+    client: TestClient, bomb: bytes, inflated: list[int]
 ) -> None:
     lying = bytearray(bomb)
     for at, offset in ((lying.find(b"PK\x03\x04"), 22), (lying.find(b"PK\x01\x02"), 24)):
         struct.pack_into("<I", lying, at + offset, 1000)  # uncompressed size: 1000 bytes
-    t0 = time.perf_counter()
     refused(client, bytes(lying), 400, "corrupt-member")
-    assert time.perf_counter() - t0 < 1.0
+    # zipfile's read buffers past the declared 1000 bytes; nothing near the 1 GiB.
+    assert 1000 <= sum(inflated) <= 64 << 10
 
 
 def test_bomb_that_overstates_its_compressed_size_is_refused(
@@ -427,10 +470,9 @@ def test_bomb_that_overstates_its_compressed_size_is_refused(
     assert "overlap" in body["detail"]
 
 
-def test_overlapping_members_bomb_is_refused(client: TestClient) -> None:
-    t0 = time.perf_counter()
+def test_overlapping_members_bomb_is_refused(client: TestClient, inflated: list[int]) -> None:
     refused(client, overlapping_bomb(members=200, size=16 << 20), 413, "zip-bomb")
-    assert time.perf_counter() - t0 < 1.0
+    assert sum(inflated) == 0  # refused on the archive's layout
 
 
 def test_many_small_members_that_expand_together(client: TestClient) -> None:
@@ -460,12 +502,8 @@ def test_form_errors_are_problems(client: TestClient, valid_zip: bytes) -> None:
         content=b'--x\r\nContent-Disposition: form-data; name="file"\r\n\r\nabc',
         headers={"content-type": "multipart/form-data; boundary=x"},
     )
-    assert bad_boundary.status_code in (400, 422)
-    problem(
-        bad_boundary,
-        bad_boundary.status_code,
-        {400: "malformed-request"}.get(bad_boundary.status_code, "invalid-request"),
-    )
+    # An unterminated part still parses: a text field "file", no patient_id.
+    problem(bad_boundary, 422, "invalid-request")
     problem(client.get(DIAGNOSE), 405, "method-not-allowed")
     problem(client.get("/nowhere"), 404, "not-found")
 

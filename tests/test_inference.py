@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.errors import QueueFullError
-from app.inference import InferenceEngine, SavedModelPredictor
-from support import ct_like_slices
+from app.errors import QueueFullError, ShuttingDownError
+from app.inference import BatchingConfig, InferenceEngine, SavedModelPredictor
+from support import BATCH_ATOL, ct_like_slices
 
 ROOT = Path(__file__).resolve().parents[1]
 # A fresh process that serves as the service does (load_engine turns on oneDNN's frozen-
 # weights cache) and prints its probabilities for the same slices, alone and batched.
 SERVING_PROCESS = """
 import json, sys, numpy as np
-from app.inference import load_engine
-from app.settings import Settings
-engine = load_engine(Settings(_env_file=None, model_dir=sys.argv[1], max_batch_size=4))
+from pathlib import Path
+from app.inference import BatchingConfig, ModelConfig, load_engine
+engine = load_engine(ModelConfig(Path(sys.argv[1]), batching=BatchingConfig(max_batch_size=4)))
 x = np.load(sys.argv[2]).astype(np.float32)[..., None]
 alone = np.concatenate([engine.predictor(x[i : i + 1]) for i in range(len(x))])
 print(json.dumps({"alone": alone.tolist(), "batched": engine.predictor(x).tolist()}))
@@ -31,19 +31,26 @@ print(json.dumps({"alone": alone.tolist(), "batched": engine.predictor(x).tolist
 
 
 class RecordingPredictor:
-    """Wraps a predictor and records the batch size of every model call."""
+    """Wraps a predictor and records the batch size of every model call. With a gate,
+    each call first sets `called` and then waits for the gate to open."""
 
     def __init__(self, inner, gate: threading.Event | None = None) -> None:
         self.inner = inner
         self.card = getattr(inner, "card", None)
         self.batches: list[int] = []
         self.gate = gate
+        self.called = threading.Event()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        self.called.set()
         if self.gate is not None:
-            self.gate.wait(30)
+            assert self.gate.wait(60), "the test never opened the gate"
         self.batches.append(len(batch))
         return self.inner(batch)
+
+    async def until_called(self) -> None:
+        """Return once the engine's worker is inside a model call."""
+        assert await asyncio.to_thread(self.called.wait, 60), "no model call in 60 s"
 
 
 def fake_model(batch: np.ndarray) -> np.ndarray:
@@ -62,10 +69,15 @@ def slices() -> np.ndarray:
 
 
 def run_engine(engine: InferenceEngine, *stacks: np.ndarray) -> list[np.ndarray]:
-    async def go() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(engine.predict(s) for s in stacks)))
+    """Queue every stack, then start the engine: its worker finds all of them waiting."""
 
-    engine.start()
+    async def go() -> list[np.ndarray]:
+        requests = [asyncio.ensure_future(engine.predict(s)) for s in stacks]
+        await asyncio.sleep(0)  # each request queues its slices before its first await
+        assert engine.queued_slices == sum(len(s) for s in stacks)
+        engine.start()
+        return list(await asyncio.gather(*requests))
+
     try:
         return asyncio.run(go())
     finally:
@@ -78,17 +90,23 @@ def test_concurrent_requests_share_batches_and_keep_their_order(
     direct = predictor(slices.astype(np.float32)[..., None])
     assert direct.std() > 0.01, "test model must give varying scores"
     recording = RecordingPredictor(predictor)
-    engine = InferenceEngine(recording, max_batch_size=4, max_queue_delay_ms=200)
+    engine = InferenceEngine(recording, BatchingConfig(max_batch_size=4, max_queue_delay_ms=0))
     a, b, c = run_engine(engine, slices[:3], slices[3:5], slices[5:])
-    np.testing.assert_allclose(np.concatenate([a, b, c]), direct, atol=1e-5)
+    # Model calls of 4 and 2 slices against one of 6: other oneDNN kernels (BATCH_ATOL).
+    np.testing.assert_allclose(np.concatenate([a, b, c]), direct, atol=BATCH_ATOL)
     # 6 slices from 3 requests in 2 model calls: the first batch mixes requests.
     assert recording.batches == [4, 2]
 
 
-def test_single_slice_equals_batched(predictor: SavedModelPredictor, slices: np.ndarray) -> None:
-    one = [predictor(slices[i : i + 1].astype(np.float32)[..., None])[0] for i in range(3)]
-    batched = predictor(slices[:3].astype(np.float32)[..., None])
-    np.testing.assert_allclose(batched, one, atol=1e-5)
+@pytest.mark.parametrize("size", [2, 3, 4, 6])
+def test_single_slice_equals_batched(
+    predictor: SavedModelPredictor, slices: np.ndarray, size: int
+) -> None:
+    x = slices.astype(np.float32)[..., None]
+    alone = np.concatenate([predictor(x[i : i + 1]) for i in range(len(x))])
+    batched = np.concatenate([predictor(x[a : a + size]) for a in range(0, len(x), size)])
+    assert np.ptp(alone) > 100 * BATCH_ATOL, "the test model must give varying scores"
+    np.testing.assert_allclose(batched, alone, atol=BATCH_ATOL)
 
 
 def test_frozen_weights_mode_of_the_service_gives_the_same_probabilities(
@@ -103,19 +121,40 @@ def test_frozen_weights_mode_of_the_service_gives_the_same_probabilities(
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT, check=True,
     )  # fmt: skip
     got = json.loads(out.stdout.strip().splitlines()[-1])
-    np.testing.assert_allclose(got["alone"], expected, atol=1e-5)
-    np.testing.assert_allclose(got["batched"], expected, atol=1e-5)
+    np.testing.assert_allclose(got["alone"], expected, atol=BATCH_ATOL)
+    np.testing.assert_allclose(got["batched"], expected, atol=BATCH_ATOL)
+
+
+def test_a_partial_batch_waits_for_more_slices(slices: np.ndarray) -> None:
+    recording = RecordingPredictor(fake_model)
+    # A minute's wait for a partial batch: the test ends as soon as the batch is full.
+    engine = InferenceEngine(recording, BatchingConfig(max_batch_size=4, max_queue_delay_ms=60_000))
+
+    async def go() -> None:
+        first = asyncio.ensure_future(engine.predict(slices[:1]))
+        await asyncio.sleep(0)  # queued: the worker now waits for 3 more slices
+        assert engine.queued_slices == 1
+        rest = await engine.predict(slices[1:4])
+        np.testing.assert_allclose(await first, fake_model(slices[:1].astype(np.float32)))
+        np.testing.assert_allclose(rest, fake_model(slices[1:4].astype(np.float32)))
+
+    engine.start()
+    try:
+        asyncio.run(go())
+    finally:
+        engine.stop()
+    assert recording.batches == [4]
 
 
 def test_full_queue_refuses_with_retry_after(slices: np.ndarray) -> None:
     gate = threading.Event()
-    engine = InferenceEngine(
-        RecordingPredictor(fake_model, gate), max_batch_size=2, max_queue_slices=4, retry_after_s=7
-    )
+    recording = RecordingPredictor(fake_model, gate)
+    config = BatchingConfig(max_batch_size=2, max_queue_slices=4, retry_after_s=7)
+    engine = InferenceEngine(recording, config)
 
     async def go() -> None:
         first = asyncio.ensure_future(engine.predict(slices[:4]))
-        await asyncio.sleep(0.05)
+        await recording.until_called()  # its 4 slices fill the queue until the gate opens
         with pytest.raises(QueueFullError) as err:
             await engine.predict(slices[:1])
         assert err.value.retry_after_s == 7
@@ -133,11 +172,11 @@ def test_full_queue_refuses_with_retry_after(slices: np.ndarray) -> None:
 def test_cancelled_request_frees_its_queue_slots(slices: np.ndarray) -> None:
     gate = threading.Event()
     recording = RecordingPredictor(fake_model, gate)
-    engine = InferenceEngine(recording, max_batch_size=1, max_queue_slices=100)
+    engine = InferenceEngine(recording, BatchingConfig(max_batch_size=1, max_queue_slices=100))
 
     async def go() -> None:
         task = asyncio.ensure_future(engine.predict(slices))
-        await asyncio.sleep(0.05)
+        await recording.until_called()  # its first slice is in the model
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -161,7 +200,7 @@ def test_model_failure_fails_only_that_request(slices: np.ndarray) -> None:
             raise RuntimeError("boom")
         return fake_model(batch)
 
-    engine = InferenceEngine(flaky, max_batch_size=8, max_queue_delay_ms=0)
+    engine = InferenceEngine(flaky, BatchingConfig(max_batch_size=8, max_queue_delay_ms=0))
     bad = np.full((1, 512, 512), 65000, np.uint16)
 
     async def go() -> None:
@@ -178,4 +217,33 @@ def test_model_failure_fails_only_that_request(slices: np.ndarray) -> None:
 
 def test_rejects_bad_batch_size() -> None:
     with pytest.raises(ValueError, match="Received"):
-        InferenceEngine(fake_model, max_batch_size=0)
+        BatchingConfig(max_batch_size=0)
+
+
+def test_warmup_sizes_default_to_every_batch_size() -> None:
+    assert BatchingConfig(max_batch_size=3).warmup_sizes == (1, 2, 3)
+    assert BatchingConfig(max_batch_size=4, warmup_sizes=(8, 2, 2, 1)).warmup_sizes == (1, 2)
+
+
+def test_stopping_fails_what_is_queued_with_503(slices: np.ndarray) -> None:
+    gate = threading.Event()
+    recording = RecordingPredictor(fake_model, gate)
+    engine = InferenceEngine(recording, BatchingConfig(max_batch_size=1))
+
+    async def go() -> None:
+        queued = asyncio.ensure_future(engine.predict(slices[:3]))
+        await recording.until_called()  # slice 0 in the model, slices 1 and 2 queued
+        engine.stop(timeout=0)  # not waiting for the model call in progress
+        with pytest.raises(ShuttingDownError):
+            await queued
+        with pytest.raises(ShuttingDownError):  # and no new work
+            await engine.predict(slices[:1])
+        assert engine.queued_slices == 0
+
+    engine.start()
+    try:
+        asyncio.run(go())
+    finally:
+        gate.set()
+        engine.stop()
+    assert recording.batches == [1]  # the worker took nothing after the stop

@@ -21,6 +21,7 @@ from schemathesis.checks import (
     response_schema_conformance,
 )
 
+from app.inference import ModelConfig
 from app.main import create_app
 from app.settings import Settings
 from shared_data import needs_data
@@ -31,7 +32,7 @@ pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 MAX_EXAMPLES = 50
 
 
-def _no_model(settings: Settings) -> Any:
+def _no_model(config: ModelConfig) -> Any:
     raise RuntimeError("this app only serves its OpenAPI document")
 
 

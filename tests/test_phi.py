@@ -24,17 +24,8 @@ from fastapi.testclient import TestClient
 from pydicom import config as dicom_config
 
 from app.logs import UNTRUSTED_LOGGERS, configure_logging, patient_hash, protect_library_logs
-from hostile import (
-    PHI_NAME,
-    PHI_STRINGS,
-    corrupt_deflate,
-    dicom_bytes,
-    p002_slice,
-    plant_phi,
-    post,
-    synthetic_ct,
-    tiff_bytes,
-)
+from dicom_factory import PHI_NAME, PHI_STRINGS, dicom_bytes, plant_phi, synthetic_ct, tiff_bytes
+from hostile import corrupt_deflate, p002_slice, post
 from shared_data import needs_data, zip_files
 
 pytestmark = needs_data
@@ -220,14 +211,13 @@ def test_native_decoders_write_no_patient_data_to_stderr(capfd: pytest.CaptureFi
     libjpeg did, on this very input): nothing there may hold patient data."""
     from pydicom.encaps import encapsulate, generate_frames
 
-    from app.ingest import ingest_zip
-    from app.settings import Settings
+    from app.ingest import IngestLimits, ingest_zip
 
     ds = plant_phi(pydicom.dcmread(p002_slice()))
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     ds.PixelData = encapsulate([frame[: len(frame) // 2] + frame[len(frame) // 2 + 7 :]])
     capfd.readouterr()
-    ingest_zip(zip_files([(f"{PHI_DIR}/{PHI_NAME}.dcm", dicom_bytes(ds))]), Settings())
+    ingest_zip(zip_files([(f"{PHI_DIR}/{PHI_NAME}.dcm", dicom_bytes(ds))]), IngestLimits())
     err = capfd.readouterr().err
     for planted in (*PHI_STRINGS, PHI_DIR):
         assert planted not in err, planted

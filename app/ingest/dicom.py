@@ -1,0 +1,256 @@
+"""A DICOM member → frames: header checks, the Modality LUT, geometry; pixels on demand.
+
+Every frame's pixels leave as uint16 stored values in the paper's domain: HU (the
+Modality LUT: RescaleSlope and RescaleIntercept, per frame in enhanced objects) + 1024,
+clipped at 0. The Photometric Interpretation never changes them: MONOCHROME1 only tells a
+viewer to show low values bright (docs/judging.md).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import posixpath
+from functools import partial
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.pixels.decoders.base import Decoder, get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from app import errors
+from app.ingest.frames import MAX_SIDE, Frame, Skip
+from app.ingest.limits import IngestLimits
+from app.ingest.orientation import Orientation
+
+logger = logging.getLogger(__name__)
+
+OFFSET = 1024  # stored value = HU + OFFSET
+_MAX_SLOPE, _MAX_INTERCEPT = 1e3, 1e5  # CT uses slope ~1 and intercept ~−1024 or 0
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_ROUND_MM = 6  # geometry values are reported to the µm at most
+
+
+def is_dicom_file(data: bytes) -> bool:
+    """The DICOM file preamble's marker ('DICM' at byte 128)."""
+    return data[128:132] == b"DICM"
+
+
+def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list[Frame]:
+    """One frame per DICOM frame; header facts only (raises Skip or a CovidCTError)."""
+    ds = pydicom.dcmread(io.BytesIO(data)) if is_dicom_file(data) else _read_unmarked(data)
+    if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
+        # pydicom stops quietly at the end of a truncated file, dropping the element
+        raise Skip("corrupt", "pixel data truncated or unreadable")
+    _check(ds)
+    decoder = _decoder(_transfer_syntax(ds))
+    n_frames = int(ds.get("NumberOfFrames") or 1)
+    if not 1 <= n_frames <= limits.max_slices_per_series:
+        raise errors.TooManySlicesError(f"archive member {index} holds {n_frames} frames")
+    uid = str(ds.get("SeriesInstanceUID") or "").strip()
+    shared = _item(ds, "SharedFunctionalGroupsSequence")
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
+    common: dict[str, Any] = {
+        "member": index,
+        "name": name,
+        "kind": "dicom",
+        "key": uid or posixpath.dirname(name) or ".",
+        "shape": (int(ds.Rows), int(ds.Columns)),
+        "instance": _to_int(ds.get("InstanceNumber")),
+        "by_folder": not uid,
+    }
+    frames = []
+    for i in range(n_frames):
+        tag = partial(_lookup, ds, (per_frame[i] if i < len(per_frame) else None, shared))
+        slope, intercept = (
+            _number(tag("PixelValueTransformationSequence", k), default)
+            for k, default in (("RescaleSlope", 1), ("RescaleIntercept", 0))
+        )
+        if not (0 < abs(slope) <= _MAX_SLOPE and abs(intercept) <= _MAX_INTERCEPT):
+            # finite but absurd (a corrupt header): would overflow the HU conversion
+            raise Skip("corrupt", "RescaleSlope or RescaleIntercept outside any CT range")
+        orientation = Orientation.from_cosines(
+            _floats(tag("PlaneOrientationSequence", "ImageOrientationPatient"))
+        )
+        ipp = _floats(tag("PlanePositionSequence", "ImagePositionPatient"))
+        frames.append(
+            Frame(
+                **common,
+                load=partial(load_frame, decoder, ds, i, slope, intercept),
+                frame=i if n_frames > 1 else None,
+                position=orientation.position(ipp) if orientation and _finite(ipp, 3) else None,
+                task=(data, i, slope, intercept),
+                orientation=orientation,
+                spacing=_pair(tag("PixelMeasuresSequence", "PixelSpacing")),
+                thickness=_length(tag("PixelMeasuresSequence", "SliceThickness")),
+                tilt=_angle(tag("CTAcquisitionDetailsSequence", "GantryDetectorTilt")),
+            )
+        )
+    return frames
+
+
+def _read_unmarked(data: bytes) -> Dataset:
+    """A DICOM file without preamble (or meta header); anything else is skipped."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as e:  # force=True on arbitrary bytes fails in many ways
+        raise Skip("other", "neither DICOM nor TIFF") from e
+    if not any(keyword in ds for keyword in ("PixelData", "SOPClassUID", "Modality")):
+        raise Skip("other", "neither DICOM nor TIFF")
+    return ds
+
+
+def _check(ds: Dataset) -> None:
+    """Skip what cannot be a CT slice of raw stored values."""
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise Skip("image", "float DICOM pixel data has lost the raw stored values")
+        raise Skip("other", "DICOM object without pixel data (not an image)")
+    if str(ds.get("Modality") or "CT").strip().upper() != "CT":
+        raise Skip("other", "not a CT image (Modality)")
+    if "LOCALIZER" in [str(v).strip().upper() for v in _as_list(ds.get("ImageType"))]:
+        raise Skip("other", "localizer (scout) image, not an axial slice")
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    if int(ds.get("SamplesPerPixel") or 1) != 1 or not photometric.startswith("MONOCHROME"):
+        raise Skip("image", "colour DICOM image cannot hold raw CT values")
+    if int(ds.BitsAllocated) < 16:
+        raise Skip("image", f"{int(ds.BitsAllocated)}-bit DICOM image cannot hold raw CT values")
+    if not (0 < int(ds.Rows) <= MAX_SIDE and 0 < int(ds.Columns) <= MAX_SIDE):
+        raise Skip("image", f"image larger than {MAX_SIDE} pixels a side is not a CT slice")
+
+
+def _transfer_syntax(ds: Dataset) -> UID:
+    """The file's transfer syntax; without a meta header, the encoding pydicom read."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is None:
+        implicit, little = ds.original_encoding
+        ts = ExplicitVRBigEndian if not little else ExplicitVRLittleEndian
+        ts = ImplicitVRLittleEndian if implicit else ts
+        ds.ensure_file_meta()
+        ds.file_meta.TransferSyntaxUID = ts
+    return UID(str(ts))
+
+
+def _decoder(ts: UID) -> Decoder:
+    label = ts.name if ts.name != str(ts) else "unknown"  # known UIDs only: no free text
+    try:
+        decoder = get_decoder(ts)
+    except NotImplementedError as e:
+        raise Skip("syntax", f"unsupported transfer syntax ({label})") from e
+    if not decoder.is_available:
+        raise Skip("syntax", f"no decoder installed for transfer syntax ({label})")
+    return decoder
+
+
+# --- pixels ---------------------------------------------------------------------------
+
+
+def load_frame(
+    decoder: Decoder, ds: Dataset, index: int, slope: float, intercept: float
+) -> np.ndarray:
+    """One frame's pixels as uint16 HU + 1024, in the stored orientation."""
+    raw, _ = decoder.as_array(ds, index=index)
+    return to_stored_values(raw, slope, intercept)
+
+
+def decode_frame(data: bytes, index: int, slope: float, intercept: float) -> np.ndarray:
+    """`load_frame` from the member's bytes, in a decode worker process (DecodePool)."""
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        return load_frame(_decoder(_transfer_syntax(ds)), ds, index, slope, intercept)
+    except Exception as e:  # sent back pickled: a plain type that carries only the kind
+        raise RuntimeError(type(e).__name__) from None
+
+
+def to_stored_values(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Stored values → HU (slope, intercept) → HU + 1024, clipped to uint16 [0, 65535]."""
+    offset = intercept + OFFSET
+    if slope == 1 and offset == 0 and raw.dtype == np.uint16:
+        return raw  # already the paper's domain (RescaleIntercept −1024): no copy
+    if slope == 1 and float(offset).is_integer():
+        values = raw.astype(np.int64) + int(offset)
+    else:
+        values = np.rint(raw * slope + offset)
+    return np.clip(values, 0, 65535).astype(np.uint16)
+
+
+# --- header values --------------------------------------------------------------------
+
+
+def _lookup(ds: Dataset, groups: tuple[Dataset | None, ...], sequence: str, key: str) -> object:
+    """A value from the per-frame, then the shared functional groups, then the top level."""
+    for group in groups:
+        item = _item(group, sequence)
+        if item is not None and item.get(key) is not None:
+            return item.get(key)
+    return ds.get(key)
+
+
+def _item(ds: Dataset | None, sequence: str) -> Dataset | None:
+    items = ds.get(sequence) if ds is not None else None
+    return items[0] if items else None
+
+
+def _as_list(value: object) -> list[object]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+
+
+def _number(value: object, default: float) -> float:
+    """A DS value as float, tolerating odd text (' -1024 ', '-01.024E+03', multi-valued)."""
+    values = _as_list(value)
+    if not values or not str(values[0]).strip():
+        return float(default)
+    try:
+        number = float(str(values[0]).strip())
+    except ValueError:
+        number = float("nan")
+    if not np.isfinite(number):
+        raise Skip("corrupt", "unreadable RescaleSlope or RescaleIntercept")
+    return number
+
+
+def _to_int(value: object) -> int | None:
+    try:
+        return int(float(str(_as_list(value)[0]).strip()))
+    except (IndexError, ValueError, OverflowError):
+        return None
+
+
+def _floats(value: object) -> np.ndarray:
+    """A multi-valued DS as float64 (empty when any value is unreadable)."""
+    try:
+        return np.array([float(str(v).strip()) for v in _as_list(value)], dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return np.zeros(0)
+
+
+def _finite(values: np.ndarray, n: int) -> bool:
+    return values.shape == (n,) and bool(np.all(np.isfinite(values)))
+
+
+def _pair(value: object) -> tuple[float, float] | None:
+    """PixelSpacing (between rows, between columns) in mm; None unless two positive values."""
+    values = _floats(value)
+    if not _finite(values, 2) or not np.all(values > 0):
+        return None
+    return round(float(values[0]), _ROUND_MM), round(float(values[1]), _ROUND_MM)
+
+
+def _length(value: object) -> float | None:
+    values = _floats(value)
+    if not _finite(values[:1], 1) or not values[0] > 0:
+        return None
+    return round(float(values[0]), _ROUND_MM)
+
+
+def _angle(value: object) -> float | None:
+    values = _floats(value)
+    if not _finite(values[:1], 1) or not abs(values[0]) <= 90:
+        return None
+    return round(float(values[0]), _ROUND_MM)

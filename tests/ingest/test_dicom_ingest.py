@@ -1,0 +1,242 @@
+"""DICOM members (app/ingest/dicom.py): the stored-value domain (HU + 1024 from each
+slice's own Modality LUT, whatever the photometric interpretation), compressed syntaxes,
+what is skipped and why, and the library set-up (app/ingest/libraries.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import JPEGLosslessSV1
+
+from app.errors import (
+    CorruptMemberError,
+    NoImageError,
+    UnsupportedImageError,
+    UnsupportedTransferSyntaxError,
+)
+from app.ingest import configure_libraries
+from dicom_factory import dicom_bytes, file_bytes, synthetic_ct
+from ingest_support import hu_image, ingest, stored
+from shared_data import P002, ROOT, VARIANTS, needs_data
+
+TCGA = VARIANTS / "tcga-luad-single-slices"
+
+
+# --- the stored-value domain -----------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("i", [0, 66, 132])
+def test_p002_pixels_are_the_stored_values(i: int) -> None:
+    # RescaleIntercept −1024, slope 1: the stored values already are HU + 1024.
+    path = P002 / f"IM{i + 1:04d}.dcm"
+    (series,) = ingest([(path.name, path)]).series
+    np.testing.assert_array_equal(series.pixels[0], stored(path))
+
+
+def peaks(image: np.ndarray) -> tuple[int, int]:
+    """Histogram peaks: air (1…200) and soft tissue (1000…1200), in stored values."""
+    counts = np.bincount(image.ravel(), minlength=1200)
+    return int(np.argmax(counts[1:200]) + 1), int(np.argmax(counts[1000:1200]) + 1000)
+
+
+@needs_data
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tcga-luad-single-slices/ID_0052.dcm",  # intercept 0: stores HU
+        "chest-jpeg2000-intercept0.dcm",  # intercept 0, JPEG 2000
+        "tcga-luad-single-slices/ID_0051.dcm",  # intercept −1024
+        "tcga-luad-single-slices/ID_0000.dcm",  # intercept '-01.024000E+03'
+        "tcga-luad-single-slices/ID_0057.dcm",  # slope 1.0002441
+    ],
+)
+def test_variants_land_in_the_stored_value_domain(name: str) -> None:
+    (series,) = ingest([(Path(name).name, VARIANTS / name)]).series
+    air, soft_tissue = peaks(series.pixels[0])
+    assert 0 < air <= 60 and 1040 <= soft_tissue <= 1100
+    assert series.pixels.max() < 5000
+
+
+@needs_data
+@pytest.mark.parametrize(
+    ("name", "intercept"),
+    [("chest-jpeg2000-intercept0.dcm", 0), ("chest-jpeg-ls-near-lossless.dcm", -1024)],
+)
+def test_compressed_variants_decode_into_the_domain(name: str, intercept: int) -> None:
+    (series,) = ingest([(name, VARIANTS / name)]).series
+    expected = np.clip(stored(VARIANTS / name).astype(int) + intercept + 1024, 0, None)
+    np.testing.assert_array_equal(series.pixels[0], expected)
+
+
+def test_intercept_zero_and_minus_1024_give_identical_values() -> None:
+    hu = hu_image((512, 512))
+    a = ingest([("a.dcm", synthetic_ct((hu + 1024).astype(np.uint16), intercept="-1024"))])
+    b = ingest([("b.dcm", synthetic_ct(hu, intercept="0"))])
+    np.testing.assert_array_equal(a.series[0].pixels[0], hu + 1024)
+    np.testing.assert_array_equal(b.series[0].pixels[0], hu + 1024)
+
+
+@pytest.mark.parametrize("text", [b" -1024  ", b"-1024.0 ", b"-1.024E3"])
+def test_odd_intercept_text_is_tolerated(text: bytes) -> None:
+    values = (hu_image((512, 512)) + 1024).astype(np.uint16)
+    data = synthetic_ct(values, intercept="-1024.0")
+    assert data.count(b"-1024.0 ") == 1
+    (series,) = ingest([("a.dcm", data.replace(b"-1024.0 ", text))]).series
+    np.testing.assert_array_equal(series.pixels[0], values)
+
+
+def test_slope_is_applied() -> None:
+    values = (hu_image((512, 512)) + 1024).astype(np.uint16)
+    (series,) = ingest([("a.dcm", synthetic_ct(values, intercept="-2048", slope="2"))]).series
+    np.testing.assert_array_equal(series.pixels[0], np.clip(2 * values.astype(int) - 1024, 0, None))
+
+
+@pytest.mark.parametrize(("slope", "intercept"), [("1e300", "-1024"), ("0", "-1024"), ("1", "1e9")])
+def test_absurd_rescale_is_a_corrupt_member(slope: str, intercept: str) -> None:
+    values = np.full((512, 512), 1000, np.uint16)
+    with pytest.raises(CorruptMemberError):
+        ingest([("a.dcm", synthetic_ct(values, intercept=intercept, slope=slope))])
+
+
+def test_monochrome1_gives_the_same_values_as_monochrome2() -> None:
+    """The Modality LUT gives HU whatever the photometric interpretation: MONOCHROME1 only
+    tells a viewer to show low values bright (the code once inverted it: DESIGN.md was wrong)."""
+    values = (hu_image((512, 512)) + 1024).astype(np.uint16)
+    m1, m2 = (
+        ingest([("x.dcm", synthetic_ct(values, photometric=p))]).series[0].pixels[0]
+        for p in ("MONOCHROME1", "MONOCHROME2")
+    )
+    np.testing.assert_array_equal(m1, values)
+    np.testing.assert_array_equal(m2, values)
+
+
+@needs_data
+def test_a_real_slice_relabelled_monochrome1_keeps_its_values() -> None:
+    ds = pydicom.dcmread(P002 / "IM0060.dcm")
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    (series,) = ingest([("m1.dcm", dicom_bytes(ds))]).series
+    np.testing.assert_array_equal(series.pixels[0], stored(P002 / "IM0060.dcm"))
+
+
+# --- files and syntaxes -------------------------------------------------------------------
+
+
+def test_dicom_without_preamble_or_meta_is_read() -> None:
+    hu = hu_image((32, 32))
+    data = synthetic_ct(hu, intercept="0")
+    no_preamble = data[132:]  # meta group first, no 'DICM'
+    ds = pydicom.dcmread(io.BytesIO(data))
+    del ds.file_meta
+    ds.preamble = None
+    bare = io.BytesIO()
+    ds.save_as(bare, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    expected = ingest([("y", data)]).series[0].pixels
+    for payload in (no_preamble, bare.getvalue()):
+        assert payload[128:132] != b"DICM"
+        (series,) = ingest([("x", payload)]).series
+        np.testing.assert_array_equal(series.pixels, expected)
+
+
+def test_8_bit_dicom_and_unsupported_syntax_are_415() -> None:
+    with pytest.raises(UnsupportedImageError, match="8-bit"):
+        ingest([("x.dcm", synthetic_ct(np.zeros((16, 16), np.uint8), bits=8))])
+    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(np.zeros((16, 16), np.uint16))))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder
+    ds.PixelData = pydicom.encaps.encapsulate([b"\x00" * 16])
+    with pytest.raises(UnsupportedTransferSyntaxError, match="MPEG2") as info:
+        ingest([("x.dcm", file_bytes(ds))])
+    assert info.value.status == 415
+
+
+def test_corrupt_pixels_are_skipped() -> None:
+    good = synthetic_ct(np.zeros((512, 512), np.uint16), z=0)
+    truncated = synthetic_ct(np.zeros((512, 512), np.uint16), z=5)[:-1000]
+    study = ingest([("a.dcm", good), ("b.dcm", truncated)])
+    assert len(study.series[0].slices) == 1 and study.skipped[0].index == 2
+    with pytest.raises(CorruptMemberError):
+        ingest([("b.dcm", truncated)])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "reason"),
+    [
+        ({"pixels": False}, "without pixel data"),
+        ({"modality": "MR"}, "not a CT image"),
+        ({"image_type": ("ORIGINAL", "PRIMARY", "LOCALIZER")}, "localizer"),
+    ],
+)
+def test_what_is_not_an_axial_ct_image_is_skipped(kwargs: dict[str, object], reason: str) -> None:
+    image = np.zeros((16, 16), np.uint16)
+    with pytest.raises(NoImageError, match=reason):
+        ingest([("x.dcm", synthetic_ct(image, **kwargs))])  # type: ignore[arg-type]
+
+
+@needs_data
+def test_localizer_is_skipped_with_a_reason() -> None:
+    topogram = VARIANTS / "chest-topogram-400x512.dcm"
+    study = ingest([("t.dcm", topogram), ("a.dcm", TCGA / "ID_0000.dcm")])
+    assert len(study.series) == 1
+    assert [(s.index, "localizer" in s.reason) for s in study.skipped] == [(1, True)]
+    with pytest.raises(NoImageError, match="localizer"):
+        ingest([("t.dcm", topogram)])
+
+
+# --- the libraries ---------------------------------------------------------------------------
+
+_SIDE_EFFECTS = """
+import json
+from pydicom import config
+from pydicom.pixels import get_decoder
+from pydicom.uid import JPEGLosslessSV1
+def state():
+    validation_off = config.settings.reading_validation_mode == config.IGNORE
+    return [validation_off, "gdcm" in get_decoder(JPEGLosslessSV1).available_plugins]
+before = state()
+import app.ingest
+after_import = state()
+app.ingest.configure_libraries()
+app.ingest.configure_libraries()  # idempotent
+print(json.dumps([before, after_import, state()]))
+"""
+
+
+def test_importing_ingest_changes_nothing_until_configure_libraries() -> None:
+    run = subprocess.run([sys.executable, "-c", _SIDE_EFFECTS], cwd=ROOT, capture_output=True)
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    before, after_import, configured = json.loads(run.stdout)
+    defaults = [False, _gdcm_installed()]  # pydicom's: validation on, GDCM when installed
+    assert before == after_import == defaults
+    assert configured == [True, False]  # validation off, GDCM out
+
+
+def _gdcm_installed() -> bool:
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_gdcm_is_never_chosen_even_when_installed() -> None:
+    """GDCM aborts the process on some crafted JPEG streams: configure_libraries takes it
+    out of pydicom."""
+    pytest.importorskip("gdcm", reason="python-gdcm not installed (then nothing to take out)")
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import AllTransferSyntaxes
+
+    configure_libraries()
+    for uid in AllTransferSyntaxes:
+        try:
+            plugins = list(get_decoder(uid).available_plugins)
+        except NotImplementedError:
+            continue
+        assert "gdcm" not in plugins, uid.name
+    assert list(get_decoder(JPEGLosslessSV1).available_plugins) == ["pylibjpeg"]
