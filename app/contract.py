@@ -221,7 +221,7 @@ LIMITATIONS = (
 )
 COVID_CTSET = (
     "COVID-CTset (Rahimzadeh et al. 2021): 15,589 slices of 95 COVID-19 patients and 48,260 "
-    "slices of 282 normal persons, 16-bit TIFF stored values, five folds split by patient"
+    "slices of 282 normal persons (16-bit TIFF stored values, five folds)"
 )
 
 

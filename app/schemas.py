@@ -7,7 +7,7 @@ import math
 
 from pydantic import BaseModel, Field
 
-from app.contract import ModelCard
+from app.contract import ModelCard, short_form
 from app.domain import Outcome, PatientResult, SeriesResult, Study
 
 PATIENT_RULE = (
@@ -92,6 +92,8 @@ class ModelSummary(BaseModel):
     weights_detail: str
     untrained: bool
     created_at: str
+    intended_use: str = Field(description="what the model is for (its card has the rest)")
+    main_limitation: str = Field(description="the first limit to know before reading a result")
 
 
 class DiagnosisOut(BaseModel):
@@ -116,7 +118,11 @@ class DiagnosisOut(BaseModel):
 
 
 def model_summary(card: ModelCard) -> ModelSummary:
+    """The card's short form: identity, provenance, intended use and main limitation."""
+    intended_use, main_limitation = short_form(card)
     return ModelSummary(
+        intended_use=intended_use,
+        main_limitation=main_limitation,
         name=card.name,
         version=card.version,
         weights_source=card.weights_source,

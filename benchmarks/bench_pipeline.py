@@ -11,10 +11,12 @@ workers), the model stage's GFLOP/s against an fp32 matrix-multiply peak measure
 same run, and (with --bf16) the reduced-precision speed-up and its largest probability
 deviation.
 
-The network is the paper's, seeded, with batch-norm statistics calibrated on CT-like
-slices and a head init of std 0.05 (built into var/bench/ on first use), so that its
-outputs vary: the baseline and the pipeline must give the same probabilities, and the
-bf16 deviation means something. Its weights are random: speed does not depend on them.
+The network is the paper's, taking the raw stored values (HU + 1024) unscaled, seeded,
+with batch-norm statistics calibrated on CT-like slices and a head init of std 0.05 (built
+into var/bench/ on first use, and rebuilt when the one there predates the card's
+`preprocessing` field, i.e. the unscaled network), so that its outputs vary: the baseline
+and the pipeline must give the same probabilities, and the bf16 deviation means something.
+Its weights are random: speed does not depend on them.
 
 Usage: .venv/bin/python benchmarks/bench_pipeline.py [--bf16] [--clients 1,2,4,8]
 """
@@ -40,15 +42,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-import app.ingest  # noqa: E402, F401  (the service's decoders, GDCM out, for (a) and (b) alike)
 from app.inference import FROZEN_WEIGHTS_ENV  # noqa: E402  (TensorFlow is imported lazily)
+from app.ingest import configure_libraries  # noqa: E402
 
 BENCH_MODEL = ROOT / "var" / "bench" / "model"
 BENCH_SEED = 0
-# With batch-norm statistics calibrated on CT-like slices, activations stay normalised and a
-# head init of std 0.05 spreads P002's scores over ~0.1…0.7 (std 0.5 would saturate them at
-# 0 or 1, and make any deviation figure meaningless).
+# With batch-norm statistics calibrated on CT-like slices, the first batch norm absorbs the
+# scale of the raw values and a head init of std 0.05 spreads P002's scores (the run prints
+# their range; std 0.5 would saturate them at 0 or 1 and make any deviation meaningless).
 BENCH_HEAD_STD = 0.05
 
 DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -98,7 +99,7 @@ def jpeg_lossless_plugin() -> str:
 def bench_network() -> object:
     """The paper's Keras network, seeded, head std 0.05, BN statistics calibrated."""
     from models.architecture import build_fpn_resnet50v2
-    from support import give_trained_statistics
+    from models.calibration import give_trained_statistics
 
     model = build_fpn_resnet50v2(head_init_std=BENCH_HEAD_STD, seed=BENCH_SEED)
     return give_trained_statistics(model, seed=BENCH_SEED)
@@ -108,7 +109,17 @@ def export_bench_model(out: Path) -> None:
     from models.export import export_saved_model, untrained_card
 
     card = untrained_card(seed=BENCH_SEED, head_init_std=BENCH_HEAD_STD, version="bench")
-    export_saved_model(bench_network(), out, card)
+    export_saved_model(bench_network(), out, card, overwrite=True)
+
+
+def bench_model_is_current(model_dir: Path) -> bool:
+    """A model there, built for the unscaled network (its card states the preprocessing)."""
+    from app.contract import read_card
+
+    try:
+        return read_card(model_dir).preprocessing is not None
+    except (OSError, ValueError):
+        return False
 
 
 def baseline(limit: int | None) -> dict:
@@ -311,6 +322,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    configure_libraries()  # the service's decoders (GDCM out) for (a) and (b) alike
     if args.baseline_only:
         print(json.dumps(baseline(args.baseline_slices)))
         return
@@ -318,9 +330,9 @@ def main() -> None:
     os.environ.setdefault(FROZEN_WEIGHTS_ENV, "1")
     if not P002.is_dir():
         sys.exit(f"P002 not found at {P002}: set COVIDCT_SHARED_DATA")
-    if not (args.model_dir / "assets" / "model_card.json").is_file():
+    if not bench_model_is_current(args.model_dir):
         if args.model_dir != BENCH_MODEL:
-            sys.exit(f"no SavedModel at {args.model_dir}")
+            sys.exit(f"no SavedModel with a current model card at {args.model_dir}")
         log(f"building the benchmark's model at {args.model_dir} …")
         export_bench_model(args.model_dir)
 
@@ -364,6 +376,9 @@ def main() -> None:
         same = pipe["probs"][~np.isnan(pipe["probs"])]
         log(f"  same slices and scores as the baseline: {len(same) == len(base['probs'])}, "
             f"max |Δp| = {np.abs(same - np.array(base['probs'])).max():.1e}")  # fmt: skip
+    scored = pipe["probs"][~np.isnan(pipe["probs"])]
+    log(f"  covid probabilities of the {len(scored)} selected slices: {scored.min():.3f} … "
+        f"{scored.max():.3f} (median {np.median(scored):.3f})")  # fmt: skip
     log(f"  model stage per selected slice: baseline {base_per_selected:.3f} s, "
         f"pipeline {pipe['infer'] / n:.3f} s ({base_per_selected / (pipe['infer'] / n):.2f}×)")  # fmt: skip
 
@@ -377,8 +392,11 @@ def main() -> None:
         )  # fmt: skip
         a, b = pipe["probs"], low["probs"]
         keep = ~np.isnan(a)
+        delta = np.abs(a[keep] - b[keep])
+        flips = int(np.sum((a[keep] > 0.5) != (b[keep] > 0.5)))
         log(f"  infer {low['infer']:.2f} s vs fp32 {pipe['infer']:.2f} s → "
-            f"{pipe['infer'] / low['infer']:.2f}× ; max |Δp| = {np.abs(a[keep] - b[keep]).max():.2e}")  # fmt: skip
+            f"{pipe['infer'] / low['infer']:.2f}× ; max |Δp| = {delta.max():.2e}, "
+            f"median {np.median(delta):.2e}, class flips {flips} of {int(keep.sum())}")  # fmt: skip
 
     log("\n(c) the service over HTTP …")
     proc = serve(args.model_dir, args.port, {"COVIDCT_MAX_BATCH_SIZE": str(args.max_batch_size)})

@@ -52,6 +52,10 @@ PORT = 8000
 # Variables the container entrypoint reads (docker/entrypoint.sh), not the service.
 ENTRYPOINT_VARIABLES = {"COVIDCT_REQUIRE_API_KEYS", "COVIDCT_BUILD_DEFAULT_MODEL"}
 SECRET = "covidct-secrets"
+# The shared job store's URL (the asynchronous jobs' Redis store): the Deployment passes it
+# from the Secret, optionally, under this name until the service has a setting for it;
+# from then on it must carry the setting's name (test_job_store_url_...).
+JOB_STORE_VARIABLE = "COVIDCT_JOBS_STORE_URL"
 # docs/benchmarks.md: server RSS + decode workers' USS with 4 concurrent clients, the
 # largest of the clean runs (2.44-2.50 GB).
 MEASURED_PEAK_BYTES_4_CLIENTS = 2.50e9
@@ -361,9 +365,31 @@ def setting_variables() -> set[str]:
 def test_every_variable_is_a_setting(overlay: str) -> None:
     docs = rendered(overlay)
     known = setting_variables() | ENTRYPOINT_VARIABLES
+    if not store_url_settings():
+        known.add(JOB_STORE_VARIABLE)
     names = set(config(docs)) | {e["name"] for e in container(docs).get("env", [])}
     unknown = {n for n in names if n.startswith("COVIDCT_")} - known
     assert unknown == set(), "not a setting (a typo is silently ignored by the service)"
+
+
+def store_url_settings() -> set[str]:
+    return {v for v in setting_variables() if v.endswith("STORE_URL")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_job_store_url_is_passed_under_its_setting_name(overlay: str) -> None:
+    env = container(rendered(overlay))["env"]
+    refs = [
+        e
+        for e in env
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == "job-store-url"
+    ]
+    assert len(refs) == 1
+    if store_url_settings():
+        assert {refs[0]["name"]} == store_url_settings()
+    else:  # not read by the service yet: optional, so pods start without it
+        assert refs[0]["name"] == JOB_STORE_VARIABLE
+        assert refs[0]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 @pytest.fixture
