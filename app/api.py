@@ -10,7 +10,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import NotReadyError, ShuttingDownError, UnauthorizedError
+from app.errors import (
+    ExplainUnsupportedError,
+    NotReadyError,
+    ShuttingDownError,
+    UnauthorizedError,
+)
+from app.explain import EXPLAIN_FIELD, attach, explain_result
 from app.guard import API_KEY_HEADER, api_key_valid
 from app.inference import InferenceEngine
 from app.logs import patient_hash, request_id_var
@@ -81,7 +87,11 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
         (401, "missing or wrong X-API-Key (when keys are configured)"),
         (413, "over a limit: upload bytes, members, slices, expansion (zip bomb)"),
         (415, "unsupported transfer syntax, or an image that cannot hold raw CT values"),
-        (422, "no usable image, mixed slice sizes in a series, or invalid form fields"),
+        (
+            422,
+            "no usable image, mixed slice sizes in a series, invalid form fields, or "
+            "explain=true for a model without an explain signature",
+        ),
         (
             503,
             "model not ready, too busy (inference queue or uploads), or shutting down; "
@@ -105,7 +115,14 @@ async def diagnose(
     threshold: Annotated[
         float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
     ] = None,
+    explain: Annotated[bool, Form(description=EXPLAIN_FIELD)] = False,
 ) -> DiagnosisOut:
+    explainer = runtime.explainer if explain else None
+    if explain and explainer is None:  # refused before any work
+        raise ExplainUnsupportedError(
+            "the served model has no usable 'explain' signature; export it again with "
+            "python -m models to add one, or ask without explain"
+        )
     study, result = await diagnose_upload(
         file.file,
         engine,
@@ -113,6 +130,7 @@ async def diagnose(
         threshold=threshold,
         decode_pool=runtime.decode_pool,
     )
+    explanations = await explain_result(explainer, result) if explainer is not None else None
     out = diagnosis_out(
         request_id=request_id_var.get(),
         patient_id=patient_id,
@@ -120,6 +138,8 @@ async def diagnose(
         result=result,
         card=engine.card,
     )
+    if explanations is not None:
+        attach(out, explanations)
     logger.info(
         "diagnosis",
         extra={

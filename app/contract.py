@@ -25,6 +25,12 @@ OUTPUT_COVID = "covid_probability"  # [N]
 OUTPUT_PROBABILITIES = "probabilities"  # [N, 2]
 CLASS_NAMES = ("covid", "normal")  # index 0 = covid, as in the paper
 COVID_CLASS = 0
+# The second signature, `explain` (optional: a model without it still serves, but cannot
+# explain): the same input as serving_default, treated the same way, and its two outputs,
+# plus Grad-CAM of the covid class (models/explain.py, docs/explain.md).
+EXPLAIN_SIGNATURE_KEY = "explain"
+OUTPUT_HEATMAP = "heatmap"  # float32 [N, 512, 512] in [0, 1], each slice's map over its max
+OUTPUT_HEATMAP_EMPTY = "heatmap_empty"  # bool [N]: the map is zero everywhere (nothing shown)
 CARD_FILENAME = "model_card.json"  # inside the SavedModel's assets/
 
 WeightsSource = Literal["untrained", "trained", "imported"]
@@ -43,6 +49,28 @@ def check_signature(fn: Any) -> None:
     input `slices` float32 [None, 512, 512, 1]; exactly the outputs `covid_probability`
     float32 [None] and `probabilities` float32 [None, 2]. Raises ContractError. The export
     (models/export.py) and the service's loader (app/inference.py) both call this."""
+    _check_input(fn)
+    expected = {OUTPUT_COVID: (None,), OUTPUT_PROBABILITIES: (None, len(CLASS_NAMES))}
+    _check_outputs(fn, {name: (shape, "float32") for name, shape in expected.items()})
+
+
+def check_explain_signature(fn: Any) -> None:
+    """Check a loaded `explain` concrete function: the input of `check_signature`; exactly
+    its outputs plus `heatmap` float32 [None, 512, 512] and `heatmap_empty` bool [None].
+    Raises ContractError. Separate from `check_signature`: explaining is optional."""
+    _check_input(fn)
+    _check_outputs(
+        fn,
+        {
+            OUTPUT_COVID: ((None,), "float32"),
+            OUTPUT_PROBABILITIES: ((None, len(CLASS_NAMES)), "float32"),
+            OUTPUT_HEATMAP: ((None, IMAGE_SIZE, IMAGE_SIZE), "float32"),
+            OUTPUT_HEATMAP_EMPTY: ((None,), "bool"),
+        },
+    )
+
+
+def _check_input(fn: Any) -> None:
     args, kwargs = fn.structured_input_signature
     if args or set(kwargs) != {INPUT_NAME}:
         raise ContractError(
@@ -55,16 +83,18 @@ def check_signature(fn: Any) -> None:
             f"input '{INPUT_NAME}' must be {INPUT_DTYPE} {INPUT_SHAPE}. "
             f"Received: {spec.dtype.name} {_shape(spec)}"
         )
-    expected = {OUTPUT_COVID: (None,), OUTPUT_PROBABILITIES: (None, len(CLASS_NAMES))}
+
+
+def _check_outputs(fn: Any, expected: dict[str, tuple[tuple[int | None, ...], str]]) -> None:
     outputs = fn.structured_outputs
     if not isinstance(outputs, dict) or set(outputs) != set(expected):
         received = sorted(outputs) if isinstance(outputs, dict) else outputs
         raise ContractError(f"signature outputs must be {sorted(expected)}. Received: {received}")
-    for name, shape in expected.items():
+    for name, (shape, dtype) in expected.items():
         out = outputs[name]
-        if _shape(out) != shape or out.dtype.name != "float32":
+        if _shape(out) != shape or out.dtype.name != dtype:
             raise ContractError(
-                f"output '{name}' must be float32 {shape}. "
+                f"output '{name}' must be {dtype} {shape}. "
                 f"Received: {out.dtype.name} {_shape(out)}"
             )
 
@@ -154,8 +184,7 @@ def input_preprocessing(fn: Any) -> list[str]:
         memo[key] = (weighted, returned)
         return memo[key]
 
-    placeholder = fn.structured_input_signature[1][INPUT_NAME].name or INPUT_NAME
-    walk("", placeholder)
+    walk("", fn.inputs[0].op.name)  # the input placeholder: the flat inputs come first
     return sorted(op for op, _, _ in found)
 
 

@@ -75,6 +75,10 @@ class InvalidRequestError(CovidCTError):
     status, type_, title = 422, "invalid-request", "Request is invalid"
 
 
+class ExplainUnsupportedError(CovidCTError):
+    status, type_, title = 422, "explain-unsupported", "The served model cannot explain"
+
+
 class UnauthorizedError(CovidCTError):
     status, type_, title = 401, "unauthorized", "Missing or invalid API key"
 
@@ -85,6 +89,26 @@ class QueueFullError(CovidCTError):
     def __init__(self, detail: str, retry_after_s: int) -> None:
         super().__init__(detail)
         self.retry_after_s = retry_after_s
+
+
+class NotFoundError(CovidCTError):
+    status, type_, title = 404, "not-found", "Not found"
+
+
+class MalformedRequestError(CovidCTError):
+    status, type_, title = 400, "malformed-request", "Request body could not be parsed"
+
+
+class UnsupportedMediaTypeError(CovidCTError):
+    status, type_, title = 415, "unsupported-media-type", "Content type not supported here"
+
+
+class JobRunningError(CovidCTError):
+    status, type_, title = 409, "job-running", "The job is running and cannot be deleted"
+
+
+class JobStoreUnavailableError(CovidCTError):
+    status, type_, title = 503, "job-store-unavailable", "The job store cannot be reached"
 
 
 class NotReadyError(CovidCTError):

@@ -1,4 +1,5 @@
-"""The door of POST /patients/diagnose: checks made before and while its body streams in.
+"""The door of the uploads (POST /patients/diagnose, /jobs and /studies): checks made before
+and while their body streams in.
 
 FastAPI reads a form body before it resolves a route's dependencies, so a route-level key
 check or size limit would come after a whole upload had been received and spooled. This
@@ -28,6 +29,9 @@ from app import errors
 from app.problems import problem_for
 
 DIAGNOSE_PATH = "/patients/diagnose"
+JOBS_PATH = "/jobs"
+STUDIES_PATH = "/studies"  # STOW-RS (app/dicomweb)
+UPLOAD_PATHS = frozenset({DIAGNOSE_PATH, JOBS_PATH, STUDIES_PATH})
 API_KEY_HEADER = "X-API-Key"
 
 
@@ -137,7 +141,12 @@ class UploadGuardMiddleware:
 
 
 def _is_diagnose(scope: Scope) -> bool:
-    return bool(scope["method"] == "POST" and scope["path"].rstrip("/") == DIAGNOSE_PATH)
+    """An upload: the synchronous diagnosis, a job (POST /jobs) or a STOW-RS store
+    (POST /studies, POST /studies/{StudyInstanceUID})."""
+    if scope["method"] != "POST":
+        return False
+    path = scope["path"].rstrip("/")
+    return path in UPLOAD_PATHS or path.startswith(STUDIES_PATH + "/")
 
 
 def _refusal(scope: Scope, config: GuardConfig) -> errors.CovidCTError | None:

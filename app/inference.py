@@ -1,12 +1,14 @@
 """Stage 3: the resident SavedModel and the dynamic batcher in front of it.
 
 One model is loaded once (GPU with memory growth where present, else CPU) and warmed up.
-Requests hand whole stacks to `InferenceEngine.predict`; one worker thread cuts the
-queued slices into batches of at most `max_batch_size`, so slices of concurrent requests
-share model calls, waiting at most `max_queue_delay_ms` for a partial batch to fill. The
-queue is bounded in slices: a request that does not fit is refused (503, Retry-After)
-before any of its slices is queued. The event loop only awaits a future; decode and
-inference never run on it.
+Requests hand a series and the indices of the slices to score to `InferenceEngine.predict`
+(or `submit`): the series is never copied. One worker thread cuts the queued slices into
+batches of at most `max_batch_size`, so slices of concurrent requests share model calls,
+waiting at most `max_queue_delay_ms` for a partial batch to fill; each batch is written
+slice by slice, straight from the series, into one float32 buffer that every model call
+reuses. The queue is bounded in slices: a request that does not fit is refused (503,
+Retry-After) before any of its slices is queued. The event loop only awaits a future;
+decode and inference never run on it.
 
 The service relies on the SavedModel contract alone (app/contract.py), never on models/.
 """
@@ -21,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -119,6 +121,11 @@ class SavedModelPredictor:
             self._loaded = tf.saved_model.load(str(self.model_dir))
         self._fn = self._loaded.signatures[contract.SIGNATURE_KEY]
         contract.check_signature(self._fn)
+        # An export whose card and graph disagree about the input's preprocessing (e.g. an
+        # old export that divided each slice by its maximum) computes another function.
+        contract.check_preprocessing(self._fn, self.card)
+        # The optional `explain` signature (Grad-CAM; app/explain.py checks and calls it).
+        self.explain_fn: Any = self._loaded.signatures.get(contract.EXPLAIN_SIGNATURE_KEY)
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or batch.shape[1:] != (contract.IMAGE_SIZE, contract.IMAGE_SIZE, 1):
@@ -131,9 +138,10 @@ class SavedModelPredictor:
 
 @dataclass(eq=False)
 class _Job:
-    """One request's stack, consumed batch by batch in arrival order."""
+    """One request's slices, consumed batch by batch in arrival order."""
 
-    stack: np.ndarray  # uint16 or float [N, 512, 512]
+    stack: np.ndarray  # uint16 or float [N, 512, 512]: the request's series, not a copy
+    indices: np.ndarray  # intp [n]: which of its slices to score, in this order
     future: asyncio.Future[np.ndarray]
     loop: asyncio.AbstractEventLoop
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -143,7 +151,11 @@ class _Job:
     result: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
-        self.result = np.full(len(self.stack), np.nan, dtype=np.float32)
+        self.result = np.full(self.size, np.nan, dtype=np.float32)
+
+    @property
+    def size(self) -> int:
+        return len(self.indices)
 
     @property
     def cancelled(self) -> bool:
@@ -160,6 +172,7 @@ class InferenceEngine:
         self._queued = 0  # slices not yet finished, over all jobs
         self._cond = threading.Condition()
         self._stopping = False
+        self._buffer: np.ndarray | None = None  # float32 [max_batch_size, H, W, 1], reused
         self._thread = threading.Thread(target=self._run, name="covidct-inference", daemon=True)
 
     @property
@@ -205,31 +218,57 @@ class InferenceEngine:
         logger.info("warm-up done", extra={"seconds_by_batch_size": seconds})
         return seconds
 
-    async def predict(self, stack: np.ndarray) -> np.ndarray:
-        """Covid probability [N] for a stack [N, 512, 512] of stored values."""
-        if len(stack) == 0:
-            return np.zeros(0, dtype=np.float32)
+    async def predict(self, stack: np.ndarray, indices: np.ndarray | None = None) -> np.ndarray:
+        """Covid probability [n] of the slices `indices` (default: all) of a stack
+        [N, 512, 512] of stored values, in the order of `indices`."""
+        future = self.submit(stack, indices)
+        try:
+            return await future
+        finally:
+            if not future.done():  # cancelled by the client going away: drop its slices
+                future.cancel()
+
+    def submit(
+        self, stack: np.ndarray, indices: np.ndarray | None = None
+    ) -> asyncio.Future[np.ndarray]:
+        """Queue the slices `indices` (default: all) of `stack` [N, H, W] at once, on the
+        running event loop, and return the future of their probabilities [n]; cancelling
+        the future drops its slices still queued. The stack is read, never copied, until
+        the future is done: the caller must not change it meanwhile.
+
+        Raises ShuttingDownError or QueueFullError (nothing queued) right away."""
+        if stack.ndim != 3:
+            raise ValueError(f"stack must be [N, H, W]. Received: shape={stack.shape}")
+        if indices is None:
+            indices = np.arange(len(stack))
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or indices.dtype.kind not in "iu":
+            raise ValueError(f"indices must be 1-D integers. Received: {indices.dtype}")
+        if indices.size and (indices.min() < 0 or indices.max() >= len(stack)):
+            raise ValueError(f"indices must lie in [0, {len(stack)}). Received: out of range")
         loop = asyncio.get_running_loop()
-        job = _Job(stack, loop.create_future(), loop)
+        future: asyncio.Future[np.ndarray] = loop.create_future()
+        n = len(indices)
+        if n == 0:
+            future.set_result(np.zeros(0, dtype=np.float32))
+            return future
+        job = _Job(stack, indices, future, loop)
         limit = self.config.max_queue_slices
         with self._cond:
             if self._stopping:
                 raise ShuttingDownError("the inference engine is stopped")
-            if self._queued + len(stack) > limit and self._queued > 0:
+            self._drop_cancelled()  # requests withdrawn meanwhile make room at once
+            if self._queued + n > limit and self._queued > 0:
                 raise QueueFullError(
-                    f"{self._queued} slices are waiting; this request adds {len(stack)} "
+                    f"{self._queued} slices are waiting; this request adds {n} "
                     f"to a queue of at most {limit}",
                     retry_after_s=self.config.retry_after_s,
                 )
             self._jobs.append(job)
-            self._queued += len(stack)
+            self._queued += n
             metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
             self._cond.notify()
-        try:
-            return await job.future
-        finally:
-            if not job.future.done():  # cancelled by the client going away: drop its slices
-                job.future.cancel()
+        return future
 
     # --- worker thread -----------------------------------------------------------------
 
@@ -238,10 +277,10 @@ class InferenceEngine:
             parts = self._next_batch()
             if parts is None:
                 return
-            batch = np.concatenate([job.stack[a:b] for job, a, b in parts]).astype(np.float32)
-            t0 = time.perf_counter()
             try:
-                probs = self.predictor(batch[..., None])
+                batch = self._assemble(parts)
+                t0 = time.perf_counter()
+                probs = self.predictor(batch)
             except Exception as exc:  # a model failure fails the requests in this batch only
                 logger.exception("model call failed")
                 self._finish(parts, None, exc)
@@ -249,6 +288,23 @@ class InferenceEngine:
             metrics.INFERENCE_COMPUTE_TIME.observe(time.perf_counter() - t0)
             metrics.INFERENCE_BATCH_SIZE.observe(len(batch))
             self._finish(parts, probs, None)
+
+    def _assemble(self, parts: list[tuple[_Job, int, int]]) -> np.ndarray:
+        """The batch [n, H, W, 1] float32: each slice written from its series into the
+        reused buffer (uint16 → float32 is exact), without an intermediate copy."""
+        n = sum(b - a for _, a, b in parts)
+        shape = parts[0][0].stack.shape[1:]
+        buffer = self._buffer
+        if buffer is None or buffer.shape[1:3] != shape or len(buffer) < n:
+            size = max(n, self.config.max_batch_size)
+            buffer = self._buffer = np.empty((size, *shape, 1), dtype=np.float32)
+        batch = buffer[:n]
+        row = 0
+        for job, a, b in parts:
+            for i in job.indices[a:b]:
+                np.copyto(batch[row, ..., 0], job.stack[i])
+                row += 1
+        return batch
 
     def _next_batch(self) -> list[tuple[_Job, int, int]] | None:
         """Take up to max_batch_size slices, waiting max_queue_delay for a partial batch."""
@@ -258,7 +314,7 @@ class InferenceEngine:
                 self._drop_cancelled()
                 if self._stopping:
                     return None
-                available = sum(len(j.stack) - j.next_index for j in self._jobs)
+                available = sum(j.size - j.next_index for j in self._jobs)
                 if available:
                     break
                 self._cond.wait()
@@ -269,10 +325,10 @@ class InferenceEngine:
                     break
                 self._cond.wait(remaining)
                 self._drop_cancelled()
-                available = sum(len(j.stack) - j.next_index for j in self._jobs)
+                available = sum(j.size - j.next_index for j in self._jobs)
             parts, room = [], max_batch
             for job in self._jobs:
-                take = min(room, len(job.stack) - job.next_index)
+                take = min(room, job.size - job.next_index)
                 if take <= 0:
                     continue
                 if not job.started:
@@ -288,7 +344,7 @@ class InferenceEngine:
     def _drop_cancelled(self) -> None:
         for job in [j for j in self._jobs if j.cancelled]:
             self._jobs.remove(job)
-            self._queued -= len(job.stack) - job.done
+            self._queued -= job.size - job.done
         metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
 
     def _finish(
@@ -302,7 +358,7 @@ class InferenceEngine:
                     continue
                 if exc is not None:
                     self._jobs.remove(job)
-                    self._queued -= len(job.stack) - job.done
+                    self._queued -= job.size - job.done
                     job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
                     continue
                 assert probs is not None
@@ -310,7 +366,7 @@ class InferenceEngine:
                 offset += b - a
                 job.done += b - a
                 self._queued -= b - a
-                if job.done == len(job.stack):
+                if job.done == job.size:
                     self._jobs.remove(job)
                     job.loop.call_soon_threadsafe(_settle, job.future, job.result, None)
             metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)

@@ -30,6 +30,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 # fields). "py.warnings" is where logging.captureWarnings sends warnings.
 UNTRUSTED_LOGGERS = (
     "pydicom",
+    "highdicom",  # builds DICOM results from source headers (app/reports)
     "tifffile",
     "PIL",
     "imagecodecs",

@@ -17,6 +17,8 @@ from app.api import router
 from app.guard import UploadGuardMiddleware
 from app.inference import load_engine
 from app.ingest import configure_libraries
+from app.job_runner import JobsRuntime
+from app.jobs_api import router as jobs_router
 from app.logs import configure_logging
 from app.problems import RequestContextMiddleware, install_problem_handlers
 from app.runtime import EngineLoader, Runtime, drain_on_sigterm
@@ -27,14 +29,18 @@ def create_app(settings: Settings | None = None, loader: EngineLoader = load_eng
     """The service; `loader` loads the engine from its ModelConfig (tests pass their own)."""
     config = (settings or get_settings()).service_config()
     runtime = Runtime(config, loader)
+    jobs = JobsRuntime(runtime)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_libraries()
         # Load in the background so /health/live answers (and /health says 503) meanwhile.
         loading = asyncio.create_task(runtime.load())
+        # The job store, its worker and the STOW-RS flusher; the worker stops with a drain.
+        await jobs.start()
         with drain_on_sigterm(runtime):
             yield
+        await jobs.stop()  # running jobs finish or go back to the queue
         if not loading.done():
             await asyncio.shield(loading)
         runtime.stop()
@@ -50,10 +56,13 @@ def create_app(settings: Settings | None = None, loader: EngineLoader = load_eng
         swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.runtime = runtime  # reached by the routes through app.api.get_runtime only
+    app.state.jobs = jobs  # reached by the routes through app.jobs_api.get_jobs only
     app.include_router(router)
+    app.include_router(jobs_router)
     install_problem_handlers(app)
-    # API key, upload size, shutdown and concurrency, checked before the diagnose body is
-    # read; inside the request-context middleware, so its answers carry the request id.
+    # API key, upload size, shutdown and concurrency, checked before an upload's body is
+    # read (diagnose, jobs, STOW-RS); inside the request-context middleware, so its answers
+    # carry the request id.
     app.add_middleware(UploadGuardMiddleware, config=config.guard, door=runtime.door)
     app.add_middleware(RequestContextMiddleware)
     return app

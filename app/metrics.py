@@ -18,7 +18,8 @@ HTTP_REQUESTS_IN_FLIGHT = Gauge(
 )
 STAGE_DURATION = Histogram(
     "covidct_stage_duration_seconds",
-    "Wall time of one pipeline stage for one request (ingest, select, infer, diagnose)",
+    "Wall time of one pipeline stage for one request (ingest, select, infer, diagnose; "
+    "explain, for requests that asked for explanations)",
     ["stage"],
     buckets=_SECONDS,
 )
@@ -45,9 +46,45 @@ INFERENCE_BATCH_SIZE = Histogram(
 INFERENCE_QUEUE_DEPTH = Gauge(
     "covidct_inference_queue_slices", "Slices waiting for the model or being computed"
 )
+EXPLAIN_QUEUE_DEPTH = Gauge(
+    "covidct_explain_queue_slices",
+    "Slices waiting for the model's explain signature or being explained (app/explain.py)",
+)
 MODEL_INFO = Gauge(
     "covidct_model_info",
     "The served model (value 1); labels from its model card",
     ["name", "version", "weights_source", "device"],
 )
 MODEL_READY = Gauge("covidct_model_ready", "1 when the model is loaded and warm, else 0")
+
+# --- asynchronous jobs and STOW-RS (docs/jobs.md) ---------------------------------------
+# Jobs wait up to hours when the queue is long: the queue-wait buckets reach 2 h.
+_WAIT_SECONDS = (*_SECONDS, 640, 1280, 2560, 3600, 7200)
+
+JOBS = Gauge(
+    "covidct_jobs",
+    "Jobs by state, all replicas together (queued, running, done, failed, from the job "
+    "store; receiving: studies STOW-RS is still receiving)",
+    ["state"],
+)
+JOB_QUEUE_WAIT = Histogram(
+    "covidct_job_queue_wait_seconds",
+    "Time from a job's submission (or its last return to the queue) to the start of its run",
+    buckets=_WAIT_SECONDS,
+)
+JOB_RUN_TIME = Histogram(
+    "covidct_job_run_seconds",
+    "Wall time of one job run, by outcome (done, failed, deferred: given back to the queue)",
+    ["outcome"],
+    buckets=_SECONDS,
+)
+JOBS_SUBMITTED = Counter(
+    "covidct_jobs_submitted_total",
+    "Jobs queued by this replica, by source (upload: POST /jobs; stow: a STOW-RS study)",
+    ["source"],
+)
+STOW_INSTANCES = Counter(
+    "covidct_stow_instances_total",
+    "Instances received over STOW-RS, by outcome (stored, failed)",
+    ["outcome"],
+)

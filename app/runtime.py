@@ -14,16 +14,20 @@ import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from app import metrics
 from app.contract import ModelCard
+from app.dicomweb import StowConfig
+from app.explain_queue import ExplainConfig, ExplainQueue, start_explain_queue
 from app.guard import Door, GuardConfig
 from app.inference import InferenceEngine, ModelConfig, load_engine
 from app.ingest import DecodePool
+from app.jobs import JobsConfig
 from app.pipeline import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,10 @@ class ServiceConfig:
     allow_untrained: bool = True  # False: an untrained model keeps readiness at 503
     decode_workers: int = 2  # processes decoding DICOM pixel data (0: in the request's thread)
     drain_timeout_s: float = 30.0  # on SIGTERM, how long requests in flight may take
+    jobs: JobsConfig = field(default_factory=lambda: JobsConfig(data_dir=Path("var/jobs")))
+    job_workers: int = 1  # jobs one replica runs at once
+    stow: StowConfig = field(default_factory=StowConfig)  # POST /studies
+    explain: ExplainConfig = field(default_factory=ExplainConfig)  # explain=true overlays
     audit_key: bytes | None = field(default=None, repr=False)  # HMAC key of patient pseudonyms
 
 
@@ -55,10 +63,16 @@ class Runtime:
         # The engine while requests may use it: from ready, through draining (the requests
         # let in before the door closed finish on it), until stop.
         self.serving: InferenceEngine | None = None
+        # The model's explain queue (app/explain.py), started with the engine; None: the
+        # served model has no explain signature.
+        self.explainer: ExplainQueue | None = None
         # Started on the first upload; shared by all requests.
         workers = config.decode_workers
         self.decode_pool = DecodePool(workers) if workers else None
         self.door = Door()  # diagnose requests in progress (app/guard.py counts them)
+        # Run with the door's wait when a drain begins (the job worker: running jobs get
+        # the drain timeout, then go back to the queue); each returns within the timeout.
+        self.drain_hooks: list[Callable[[], Awaitable[object]]] = []
         self.state: State = "loading"
         self.detail = "loading and warming the model"
 
@@ -87,6 +101,7 @@ class Runtime:
             logger.error("refusing readiness: untrained weights")
             return
         engine.start()
+        self.explainer = start_explain_queue(engine, self.config.explain)
         self.serving = engine
         self._set("ready", "model loaded and warm")
         metrics.MODEL_READY.set(1)
@@ -107,19 +122,24 @@ class Runtime:
         self.begin_drain()
         timeout = self.config.drain_timeout_s
         logger.info("draining", extra={"in_flight": self.door.in_progress, "timeout_s": timeout})
-        if await self.door.close_and_wait(timeout):
+        hooks = asyncio.gather(*(hook() for hook in self.drain_hooks), return_exceptions=True)
+        drained = await self.door.close_and_wait(timeout)
+        if drained:
             logger.info("drained")
-            return True
-        logger.warning("drain timed out", extra={"in_flight": self.door.in_progress})
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop)
-        return False
+        else:
+            logger.warning("drain timed out", extra={"in_flight": self.door.in_progress})
+            if self.engine is not None:
+                await asyncio.to_thread(self.engine.stop)
+        await hooks
+        return drained
 
     def stop(self) -> None:
         metrics.MODEL_READY.set(0)
         self.serving = None
         if self.engine is not None:
             self.engine.stop()
+        if self.explainer is not None:
+            self.explainer.stop()
         if self.decode_pool is not None:
             self.decode_pool.shutdown()
         self._set("stopped", "the service has stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -31,6 +32,32 @@ class SliceOut(BaseModel):
     dark_pixels: int = Field(description="pixels < 300 (stored value) in the paper's ROI")
     selected: bool = Field(description="kept by the open-lung rule")
     covid_probability: float | None = Field(None, description="null when not selected")
+    overlay_png: str | None = Field(
+        default=None,
+        description="explain=true only, for the slices judged COVID (the highest scores "
+        "first, at most COVIDCT_EXPLAIN_MAX_SLICES per request): base64 of a 512 x 512 PNG, "
+        "the slice in the lung window with the model's Grad-CAM map of the covid class "
+        "laid over it (docs/explain.md); null otherwise",
+    )
+    heatmap_peak: list[int] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="explain=true only: [row, column] of the map's maximum, in the slice's "
+        "pixels as displayed (0-based); null when not explained or the map is zero everywhere",
+    )
+
+
+class ExplanationOut(BaseModel):
+    """What explain=true did (app/explain.py)."""
+
+    method: str = Field(description="how the maps were made and drawn")
+    covid_slices: int = Field(description="slices judged COVID, over all series")
+    explained: int = Field(description="slices that carry an overlay")
+    max_slices: int = Field(description="COVIDCT_EXPLAIN_MAX_SLICES: the cap per request")
+    empty_maps: int = Field(
+        description="explained slices whose map is zero everywhere (no peak, nothing drawn)"
+    )
 
 
 class SelectionOut(BaseModel):
@@ -113,7 +140,10 @@ class DiagnosisOut(BaseModel):
     skipped: list[SkippedOut]
     timings_ms: dict[str, float] = Field(
         description="wall time of each stage of this request, in ms: ingest (unzip and "
-        "decode), select, infer, diagnose"
+        "decode), select, infer, diagnose; explain too with explain=true"
+    )
+    explanation: ExplanationOut | None = Field(
+        default=None, description="explain=true only: what was explained and how; null otherwise"
     )
 
 
@@ -198,3 +228,47 @@ def diagnosis_out(
         skipped=[SkippedOut(member_index=m.index, reason=m.reason) for m in study.skipped],
         timings_ms=result.timings_ms,
     )
+
+
+# --- asynchronous jobs (POST /jobs, POST /studies; docs/jobs.md) ----------------------------
+
+JobStateName = Literal["queued", "running", "done", "failed"]
+
+
+class ProblemOut(BaseModel):
+    """RFC 9457 problem details of a failed job (the same `type`s as the synchronous route)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class JobOut(BaseModel):
+    id: str = Field(description="192 random bits, URL-safe; the job's URL is /jobs/{id}")
+    state: JobStateName
+    source: Literal["upload", "stow"] = Field(
+        description="upload: POST /jobs; stow: a study received over STOW-RS (POST /studies)"
+    )
+    receiving: bool = Field(
+        False,
+        description="stow only: the study is still receiving instances; it is queued once "
+        "none has arrived for COVIDCT_STOW_QUIET_S",
+    )
+    instances: int | None = Field(None, description="stow only: instances received so far")
+    created_at: str = Field(description="ISO 8601, UTC")
+    updated_at: str = Field(description="ISO 8601, UTC")
+    expires_at: str | None = Field(
+        None, description="ended jobs: when the job and its result are deleted"
+    )
+    attempts: int = Field(description="runs started (a run whose worker died is tried twice)")
+    diagnosis: DiagnosisOut | None = Field(
+        None, description="done: the same document POST /patients/diagnose answers with"
+    )
+    problem: ProblemOut | None = Field(
+        None, description="failed: why, as problem+json (the same types as the sync route)"
+    )
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut] = Field(description="newest first")

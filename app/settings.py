@@ -8,15 +8,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import cast
+from typing import Annotated, cast
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from app.diagnosis import PatientRule
+from app.dicomweb import StowConfig
+from app.explain_queue import ExplainConfig
 from app.guard import GuardConfig
 from app.inference import BatchingConfig, Device, ModelConfig
-from app.ingest import IngestLimits
+from app.ingest import IngestLimits, decode_workers_or_auto
+from app.jobs import JobsConfig
 from app.pipeline import PipelineConfig
 from app.runtime import ServiceConfig
 from app.selection import SelectionRule
@@ -82,13 +85,15 @@ class Settings(BaseSettings):
         description="request body of POST /patients/diagnose (the zip and the form fields); "
         "counted while it streams in, and refused with 413 as soon as it is exceeded",
     )
-    decode_workers: int = Field(
-        default=2,
+    decode_workers: Annotated[int, BeforeValidator(decode_workers_or_auto)] = Field(
+        default=None,
+        validate_default=True,
         ge=0,
-        le=64,
-        description="processes that decode DICOM pixel data, shared by all requests (0: each "
-        "request decodes in its own thread, one slice at a time across requests: the "
-        "decoders hold the GIL)",
+        le=256,
+        description="processes that decode DICOM pixel data, shared by all requests; unset "
+        "(or 'auto'): one per core this process may use (its CPU affinity and its cgroup's "
+        "CPU quota, not the host's core count), at most 64; 0: each request decodes in its "
+        "own thread, one slice at a time across requests (the decoders hold the GIL)",
     )
     max_concurrent_uploads: int = Field(
         default=8,
@@ -140,6 +145,102 @@ class Settings(BaseSettings):
         "then the process exits 0. Keep a pod's terminationGracePeriodSeconds above it",
     )
 
+    # --- explanations (explain=true; docs/explain.md) ------------------------------
+    explain_max_slices: int = Field(
+        default=16,
+        ge=1,
+        le=256,
+        description="explain=true: how many of the slices judged COVID get a Grad-CAM "
+        "overlay, the highest scores first; each adds about 60-105 KB (a base64 PNG) to "
+        "the answer",
+    )
+    explain_max_queue_slices: int = Field(
+        default=64,
+        ge=1,
+        description="slices waiting to be explained, all requests together, before an "
+        "explain=true request gets 503 queue-full (explaining has its own queue, after the "
+        "diagnosis, in batches of COVIDCT_MAX_BATCH_SIZE)",
+    )
+
+    # --- asynchronous jobs and DICOMweb (docs/jobs.md) ------------------------------
+    jobs_data_dir: Path = Field(
+        default=Path("var/jobs"),
+        description="the job store's SQLite file (when no store URL is set), the uploads "
+        "waiting for their job and the studies STOW-RS is still receiving. With Redis, "
+        "every replica must mount the same directory (a ReadWriteMany volume)",
+    )
+    jobs_store_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="empty: SQLite in the data directory (one host); redis://, rediss:// or "
+        "unix:// URL: Redis, for several replicas (any replica answers, one runs each job). "
+        "May hold a password: kept out of logs",
+    )
+    jobs_result_ttl_s: float = Field(
+        default=86400.0,
+        gt=0,
+        description="how long an ended job and its result are kept (then deleted with "
+        "whatever upload is left)",
+    )
+    jobs_upload_budget_bytes: int = Field(
+        default=8 * 1024**3,
+        ge=1,
+        description="uploads of pending jobs (and studies being received), all together; "
+        "past it new jobs get 503 queue-full, and one larger than all of it 413",
+    )
+    jobs_max_queued: int = Field(
+        default=200,
+        ge=1,
+        description="pending (queued + running) jobs, all replicas together; past it new "
+        "jobs get 503 queue-full with Retry-After",
+    )
+    jobs_lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="a worker's claim on a running job, renewed every third of it; a job "
+        "whose worker died runs again (or fails, after its second try) this long after",
+    )
+    jobs_retry_after_s: int = Field(
+        default=30, ge=1, description="Retry-After of the 503 when the job queue is full"
+    )
+    jobs_callback_allowlist: list[str] = Field(
+        default_factory=list,
+        description="hosts a job's callback_url may name (JSON list of host or host:port); "
+        "empty: every callback_url is refused with 422",
+    )
+    jobs_callback_secret: SecretStr = Field(
+        default=SecretStr(""),
+        description="HMAC-SHA256 key that signs callback bodies (X-Covidct-Signature); "
+        "required when the allowlist is not empty",
+    )
+    jobs_callback_attempts: int = Field(
+        default=5, ge=1, le=20, description="deliveries tried per callback"
+    )
+    jobs_callback_backoff_s: float = Field(
+        default=1.0, ge=0, description="wait before the second delivery, doubled after each"
+    )
+    jobs_callback_timeout_s: float = Field(default=10.0, gt=0, description="per callback delivery")
+    jobs_poll_interval_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="how often an idle worker looks for jobs and recovers those of workers "
+        "that died",
+    )
+    jobs_worker_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="jobs one replica runs at once (each shares the inference queue with "
+        "the synchronous requests)",
+    )
+    stow_quiet_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="POST /studies: a study becomes one job once no instance of it has "
+        "arrived for this long (instances sent in several STOW-RS requests join it)",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         for name in ("roi_rows", "roi_cols"):
@@ -150,6 +251,7 @@ class Settings(BaseSettings):
             raise ValueError("api_keys must not hold an empty key. Received: an empty string")
         if self.device not in {"auto", "cpu", "gpu"}:
             raise ValueError(f"device must be auto, cpu or gpu. Received: device={self.device}")
+        self.jobs_config()  # its own checks: store URL scheme, allowlist needs a secret
         return self
 
     # --- the stage configs, built once at start-up ------------------------------------
@@ -203,6 +305,34 @@ class Settings(BaseSettings):
             retry_after_s=self.retry_after_s,
         )
 
+    def jobs_config(self) -> JobsConfig:
+        return JobsConfig(
+            data_dir=self.jobs_data_dir,
+            store_url=self.jobs_store_url.get_secret_value(),
+            result_ttl_s=self.jobs_result_ttl_s,
+            upload_budget_bytes=self.jobs_upload_budget_bytes,
+            max_queued_jobs=self.jobs_max_queued,
+            lease_s=self.jobs_lease_s,
+            retry_after_s=self.jobs_retry_after_s,
+            callback_allowlist=tuple(self.jobs_callback_allowlist),
+            callback_secret=self.jobs_callback_secret.get_secret_value(),
+            callback_attempts=self.jobs_callback_attempts,
+            callback_backoff_s=self.jobs_callback_backoff_s,
+            callback_timeout_s=self.jobs_callback_timeout_s,
+            poll_interval_s=self.jobs_poll_interval_s,
+        )
+
+    def stow_config(self) -> StowConfig:
+        return StowConfig(quiet_s=self.stow_quiet_s)
+
+    def explain_config(self) -> ExplainConfig:
+        return ExplainConfig(
+            max_slices=self.explain_max_slices,
+            max_batch_size=self.max_batch_size,
+            max_queue_slices=self.explain_max_queue_slices,
+            retry_after_s=self.retry_after_s,
+        )
+
     def service_config(self) -> ServiceConfig:
         key = self.audit_hash_key
         return ServiceConfig(
@@ -212,6 +342,10 @@ class Settings(BaseSettings):
             allow_untrained=self.allow_untrained,
             decode_workers=self.decode_workers,
             drain_timeout_s=self.drain_timeout_s,
+            jobs=self.jobs_config(),
+            job_workers=self.jobs_worker_concurrency,
+            stow=self.stow_config(),
+            explain=self.explain_config(),
             audit_key=key.get_secret_value().encode() if key is not None else None,
         )
 

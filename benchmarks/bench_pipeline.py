@@ -205,7 +205,7 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
         runs.append({**{k: v / 1000 for k, v in result.timings_ms.items()}, "total": total, "n": n})
 
     if pool is not None:  # start the workers before timing, as a service's first upload would
-        list(pool.decode(int, [(0,)]))
+        pool.start()
     for _ in range(repeats):
         asyncio.run(once())
     engine.stop()
@@ -215,6 +215,183 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
     med["infer_best"] = min(r["infer"] for r in runs)
     med["probs"] = probs
     return med
+
+
+# --- (d) decode throughput, (e) series overlapping within a study ------------------------
+
+
+def decode_tasks() -> list[tuple]:
+    """P002's frames as the decode workers get them: (file bytes, frame, slope, intercept)."""
+    import pydicom
+
+    tasks = []
+    for p in sorted(P002.glob("*.dcm")):
+        ds = pydicom.dcmread(p, stop_before_pixels=True)
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        tasks.append((p.read_bytes(), 0, slope, intercept))
+    return tasks
+
+
+def worker_counts(n: int) -> list[int]:
+    """1…n, every count up to 16, then powers of two and n."""
+    return sorted({*range(1, min(n, 16) + 1), *(2**k for k in range(n.bit_length())), n})
+
+
+def decode_scaling(repeats: int) -> list[dict]:
+    """P002's 133 frames decoded in this thread, then by pools of 1…N workers (N: the cores
+    this process may use): slices/s, median of `repeats` passes over a started pool."""
+    from app.ingest import DecodePool
+    from app.ingest.dicom import decode_frame
+
+    tasks = decode_tasks()
+    rows = []
+
+    def rate(pool: DecodePool | None) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            if pool is None:
+                for task in tasks:
+                    decode_frame(*task)
+            else:
+                for _ in pool.decode(decode_frame, tasks):
+                    pass
+            times.append(time.perf_counter() - t0)
+        return len(tasks) / statistics.median(times)
+
+    rows.append({"workers": 0, "slices_per_s": rate(None)})
+    for workers in worker_counts(usable_cores_note()[0]):
+        pool = DecodePool(workers)
+        try:
+            pool.start()
+            rows.append({"workers": workers, "slices_per_s": rate(pool)})
+        finally:
+            pool.shutdown()
+    return rows
+
+
+def usable_cores_note() -> tuple[int, str]:
+    """The cores this process may use, and how that was found, in words."""
+    from app.ingest.pool import cpu_quota, usable_cores
+
+    quota = cpu_quota()
+    affinity = len(os.sched_getaffinity(0))
+    limit = f"cgroup CPU quota {quota:g}" if quota else "no cgroup CPU quota"
+    return usable_cores(), f"affinity {affinity}, {limit}; host {os.cpu_count()}"
+
+
+def three_series_zip() -> bytes:
+    """P002 under three SeriesInstanceUIDs (3 × 133 slices), built in memory."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for k in range(3):
+            uid = generate_uid(entropy_srcs=[f"covidct-bench-series-{k}"])  # same each run
+            for p in sorted(P002.glob("*.dcm")):
+                ds = pydicom.dcmread(p)
+                ds.SeriesInstanceUID = uid
+                out = io.BytesIO()
+                ds.save_as(out)
+                zf.writestr(f"S{k}/{p.name}", out.getvalue())
+    return buf.getvalue()
+
+
+class DeviceStandIn:
+    """A model stage that holds no CPU, as one on a GPU: `ms_per_slice` of waiting per
+    slice (the only use of sleep here: it stands in for a device's compute time)."""
+
+    def __init__(self, ms_per_slice: float) -> None:
+        self.seconds = ms_per_slice / 1000
+        self.card = None
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds * len(batch))
+        return np.full(len(batch), 0.5, np.float32)
+
+
+def overlap_in_process(
+    model_dir: Path,
+    archive: bytes,
+    repeats: int,
+    device_ms_per_slice: float | None = None,
+    **overrides,
+) -> dict:
+    """The three-series study through today's sequential path (the whole study ingested,
+    then every series to the model) and the overlapped one (`diagnose_upload`: a series to
+    the model as soon as it is decoded), alternating, on the real model or a stand-in."""
+    from starlette.concurrency import run_in_threadpool
+
+    from app.inference import BatchingConfig, InferenceEngine, load_engine
+    from app.ingest import DecodePool, ingest_zip, open_study
+    from app.pipeline import diagnose_study, diagnose_upload
+    from app.settings import Settings
+
+    settings = Settings(_env_file=None, model_dir=model_dir, **overrides)
+    config = settings.pipeline_config()
+    if device_ms_per_slice is None:
+        engine = load_engine(settings.served_model())
+    else:
+        batching = BatchingConfig(max_batch_size=settings.max_batch_size)
+        engine = InferenceEngine(DeviceStandIn(device_ms_per_slice), batching)
+    engine.start()
+    pool = DecodePool(settings.decode_workers) if settings.decode_workers else None
+    if pool is not None:
+        pool.start()
+    runs: dict[str, list[dict]] = {"sequential": [], "overlapped": []}
+    probs: dict[str, list[np.ndarray]] = {}
+
+    async def sequential() -> None:
+        t0 = time.perf_counter()
+        study = await run_in_threadpool(ingest_zip, archive, config.ingest, pool)
+        ingest = time.perf_counter() - t0
+        result = await diagnose_study(study, engine, config.selection, threshold=0.1)
+        record("sequential", t0, {**result.timings_ms, "ingest": ingest * 1000}, result)
+
+    async def overlapped() -> None:
+        t0 = time.perf_counter()
+        _, result = await diagnose_upload(archive, engine, config, threshold=0.1, decode_pool=pool)
+        record("overlapped", t0, result.timings_ms, result)
+
+    def record(path: str, t0: float, timings: dict, result) -> None:
+        total = time.perf_counter() - t0
+        runs[path].append({**{k: v / 1000 for k, v in timings.items()}, "total": total})
+        probs[path] = [s.covid_probability for s in result.series]
+
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        open_study(archive, config.ingest)  # headers only: what overlapping cannot hide
+    headers = (time.perf_counter() - t0) / repeats
+    for i in range(repeats):
+        for path in (sequential, overlapped) if i % 2 == 0 else (overlapped, sequential):
+            asyncio.run(path())
+    engine.stop()
+    if pool is not None:
+        pool.shutdown()
+    med = {
+        path: {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+        for path, rows in runs.items()
+    }
+    a, b = probs["sequential"], probs["overlapped"]
+    delta = max(float(np.nanmax(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+    return {**med, "headers": headers, "max_delta_p": delta, "probs": b}
+
+
+def report_overlap(label: str, o: dict) -> None:
+    seq, ovl = o["sequential"], o["overlapped"]
+    # What overlapping can hide: the decoding of series 2 and 3 (the study's ingest less
+    # its header reading, two thirds of it), at most the model time of series 1 and 2.
+    decode_later = (seq["ingest"] - o["headers"]) * 2 / 3
+    hideable = min(decode_later, seq["infer"] * 2 / 3)
+    hidden = seq["total"] - ovl["total"]
+    log(f"  {label}: sequential {seq['total']:.2f} s (ingest {seq['ingest']:.2f} s, of which "
+        f"headers {o['headers']:.2f} s; infer {seq['infer']:.2f} s), overlapped "
+        f"{ovl['total']:.2f} s → {seq['total'] / ovl['total']:.3f}×")  # fmt: skip
+    log(f"    hidden {hidden:.2f} s of the {hideable:.2f} s it could hide (decode of series 2 "
+        f"and 3: {decode_later:.2f} s; model time of series 1 and 2: {seq['infer'] * 2 / 3:.2f} s)"
+        f" = {100 * hidden / hideable:.0f} %; max |Δp| overlapped vs sequential "
+        f"{o['max_delta_p']:.1e}")  # fmt: skip
 
 
 # --- (c) the service over HTTP ---------------------------------------------------------
@@ -306,6 +483,61 @@ def http_load(port: int, archive: bytes, clients: int, requests_per_client: int)
     }
 
 
+# --- the GPU check (scripts/gpu_check.sh) ------------------------------------------------
+
+
+def gpu_check(args: argparse.Namespace) -> None:
+    """What a GPU host gives: the model stage's slices/s, P002 end to end (warm), the decode
+    share and the GPU's memory, at each batch size; decode throughput; the overlap."""
+    import tensorflow as tf
+
+    from app.inference import configure_devices
+
+    device = configure_devices("auto", memory_growth=True)  # before anything touches a GPU
+    gpus = tf.config.list_physical_devices("GPU")
+    if not gpus and not args.allow_cpu:
+        sys.exit("TensorFlow sees no GPU (the CUDA build and a driver are needed)")
+    for gpu in gpus:
+        details = tf.config.experimental.get_device_details(gpu)
+        log(f"GPU: {details.get('device_name', gpu.name)}, compute capability "
+            f"{details.get('compute_capability', '?')}")  # fmt: skip
+    cores, how = usable_cores_note()
+    log(f"device {device}; usable cores: {cores} ({how}); JPEG Lossless decoder: "
+        f"{jpeg_lossless_plugin()}")  # fmt: skip
+    peak, median = matmul_gflops()
+    log(f"fp32 matmul (TensorFlow, 2048², 5 s; TF32 where the GPU has it): peak {peak:.0f} "
+        f"GFLOP/s, median {median:.0f}")  # fmt: skip
+
+    log("\ndecode throughput, P002's 133 frames (medians of 3) …")
+    for row in decode_scaling(3):
+        who = f"{row['workers']} worker(s)" if row["workers"] else "in this thread"
+        log(f"  {who}: {row['slices_per_s']:.1f} slices/s")
+
+    archive = p002_zip()
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    log(f"\nP002 through the pipeline, medians of {args.repeats} warm runs per batch size …")
+    for size in sizes:
+        if gpus:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        pipe = pipeline_in_process(args.model_dir, archive, args.repeats, max_batch_size=size)
+        n, total = pipe["n"], pipe["total"]
+        memory = (
+            f"GPU memory peak {tf.config.experimental.get_memory_info('GPU:0')['peak'] / 1e9:.2f}"
+            " GB (TensorFlow's allocator)" if gpus else "no GPU"
+        )  # fmt: skip
+        log(f"  batch {size}: model stage {n / pipe['infer']:.0f} slices/s "
+            f"({n * GFLOP_PER_SLICE / pipe['infer']:.0f} GFLOP/s, {n} slices in "
+            f"{pipe['infer']:.3f} s); end to end {total:.3f} s ({133 / total:.0f} slices/s); "
+            f"ingest {pipe['ingest']:.3f} s = decode share {100 * pipe['ingest'] / total:.0f} %, "
+            f"non-model {100 * (total - pipe['infer']) / total:.0f} %; {memory}")  # fmt: skip
+
+    log("\na three-series study (P002 under three SeriesInstanceUIDs, 399 slices) …")
+    best = max(sizes)
+    three = three_series_zip()
+    overlap = overlap_in_process(args.model_dir, three, args.repeats, max_batch_size=best)
+    report_overlap(f"batch {best}", overlap)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -320,6 +552,20 @@ def main() -> None:
     )
     parser.add_argument("--max-batch-size", type=int, default=8, help="the service's default")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument(
+        "--skip-overlap", action="store_true", help="skip (d) decode throughput and (e) overlap"
+    )
+    parser.add_argument(
+        "--device-ms-per-slice", type=float, default=10.0,
+        help="(e): the stand-in model stage's time per slice (a GPU's, holding no CPU)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gpu-check", action="store_true",
+        help="only what scripts/gpu_check.sh prints: per batch size (--batch-sizes) the model "
+        "stage, P002 end to end, the decode share and GPU memory; decode throughput; overlap",
+    )  # fmt: skip
+    parser.add_argument("--batch-sizes", default="8,16,32", help="--gpu-check's batch sizes")
+    parser.add_argument("--allow-cpu", action="store_true", help="--gpu-check without a GPU")
     parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     configure_libraries()  # the service's decoders (GDCM out) for (a) and (b) alike
@@ -335,13 +581,18 @@ def main() -> None:
             sys.exit(f"no SavedModel with a current model card at {args.model_dir}")
         log(f"building the benchmark's model at {args.model_dir} …")
         export_bench_model(args.model_dir)
+    if args.gpu_check:
+        gpu_check(args)
+        return
 
     archive = p002_zip()
     from app.settings import Settings
 
     workers = Settings(_env_file=None).decode_workers
-    log(f"P002: {len(archive) / 1e6:.1f} MB zip, CPU cores: {os.cpu_count()}, "
+    cores, how = usable_cores_note()
+    log(f"P002: {len(archive) / 1e6:.1f} MB zip, usable cores: {cores} ({how}), "
         f"JPEG Lossless decoder: {jpeg_lossless_plugin()}, decode workers: {workers}")  # fmt: skip
+    log(f"load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     peak, peak_median = matmul_gflops()
     log(f"fp32 matmul (TensorFlow, 2048², 5 s): peak {peak:.1f} GFLOP/s, median {peak_median:.1f}")
 
@@ -371,6 +622,7 @@ def main() -> None:
     log(
         f"  non-model wall time: {non_model:.2f} s = {100 * non_model / pipe['total']:.1f} % of end to end"
     )
+    log(f"  decode share (ingest / end to end): {100 * pipe['ingest'] / pipe['total']:.1f} %")
     if args.baseline_slices is None:
         log(f"  end-to-end speed-up vs baseline: {base['total_s'] / pipe['total']:.2f}×")
         same = pipe["probs"][~np.isnan(pipe["probs"])]
@@ -397,6 +649,23 @@ def main() -> None:
         log(f"  infer {low['infer']:.2f} s vs fp32 {pipe['infer']:.2f} s → "
             f"{pipe['infer'] / low['infer']:.2f}× ; max |Δp| = {delta.max():.2e}, "
             f"median {np.median(delta):.2e}, class flips {flips} of {int(keep.sum())}")  # fmt: skip
+
+    if not args.skip_overlap:
+        log("\n(d) decode throughput, P002's 133 frames (medians of 3) …")
+        for row in decode_scaling(3):
+            who = f"{row['workers']} worker(s)" if row["workers"] else "in this thread"
+            log(f"  {who}: {row['slices_per_s']:.1f} slices/s")
+        log("\n(e) a three-series study (P002 under three SeriesInstanceUIDs, 399 slices) …")
+        three = three_series_zip()
+        batch = {"max_batch_size": args.max_batch_size}
+        real = overlap_in_process(args.model_dir, three, args.repeats, **batch)
+        report_overlap("this CPU's model", real)
+        same = pipe["probs"][~np.isnan(pipe["probs"])]
+        worst = max(float(np.abs(p[~np.isnan(p)] - same).max()) for p in real["probs"])
+        log(f"    every series scores as P002 alone in (b): max |Δp| = {worst:.1e}")
+        ms = args.device_ms_per_slice
+        stand_in = overlap_in_process(args.model_dir, three, args.repeats, ms, **batch)
+        report_overlap(f"a model stage holding no CPU ({ms:g} ms a slice)", stand_in)
 
     log("\n(c) the service over HTTP …")
     proc = serve(args.model_dir, args.port, {"COVIDCT_MAX_BATCH_SIZE": str(args.max_batch_size)})

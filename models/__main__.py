@@ -8,6 +8,7 @@
         [--csv-dir CSV --images DATA --fold 1] [--patients RAW] [--covid-ct-md DIR]
     python -m models import-weights FPN-fold1.hdf5 --out var/models/paper-fold1
     python -m models verify-import FPN-fold1.hdf5 var/models/paper-fold1 [--dicom-dir DIR]
+    python -m models explain --model var/models/fold1 --study study.zip --out explained/
 
 `python -m models COMMAND --help` documents each command's options.
 
@@ -23,7 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from models import checkpoint, evaluate, import_weights, train, verify_import
+from models import checkpoint, evaluate, explain_offline, import_weights, train, verify_import
 
 # Not __name__: run with -m, that is "__main__".
 logger = logging.getLogger("models.cli")
@@ -56,14 +57,20 @@ def _run_build_default(args: argparse.Namespace) -> int:
     from app.contract import read_card
 
     out: Path = args.out
+    overwrite = args.force
     if out.exists() and not args.force:
         try:
             card = read_card(out)
         except (OSError, ValueError) as e:
             logger.error("%s exists but holds no valid model card (%s); use --force", out, e)
             return 1
-        print(f"{out} already holds model {card.version} ({card.weights_source}); skipped")
-        return 0
+        if not (card.untrained and card.preprocessing is None):
+            print(f"{out} already holds model {card.version} ({card.weights_source}); skipped")
+            return 0
+        # An untrained default from before the network took its input unscaled (its card
+        # states no preprocessing; its graph divides each slice by its maximum): replace it.
+        logger.warning("%s holds an untrained model of the earlier network; rebuilding", out)
+        overwrite = True
     from models.export import build_default, directory_size
 
     path = build_default(
@@ -71,7 +78,7 @@ def _run_build_default(args: argparse.Namespace) -> int:
         seed=args.seed,
         head_init_std=args.head_init_std,
         version=args.version,
-        overwrite=args.force,
+        overwrite=overwrite,
     )
     card = read_card(path)
     print(
@@ -90,6 +97,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [  # type: ignore
     evaluate.add_command,
     import_weights.add_command,
     verify_import.add_command,
+    explain_offline.add_command,
 ]
 
 

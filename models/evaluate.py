@@ -80,8 +80,10 @@ def evaluate(
     batch_size: int = 8,
     every_slice: bool = False,
     bootstrap: Bootstrap = DEFAULT_BOOTSTRAP,
+    sheet: bool = False,
 ) -> EvaluationReport:
-    """Score what is given with `predict`, write the report to `out_dir` and return it."""
+    """Score what is given with `predict`, write the report to `out_dir` and return it.
+    With `sheet`, also the confidence sheets (models.explain_offline)."""
     settings = settings or Settings()
     rule = settings.selection_rule()
     slices = score_slices(slice_samples, predict, batch_size=batch_size) if slice_samples else None
@@ -121,6 +123,12 @@ def evaluate(
         external_slices=external_slices,
         external_patients=external_patients,
     )
+    if sheet:
+        from models.explain_offline import write_confidence_sheets
+
+        reader = ingest_reader(settings) if covid_ct_md_patients else None
+        cohort = covid_ct_md_patients or ()
+        write_confidence_sheets(out_dir, predict, slices, external_slices, cohort, reader)
     return report
 
 
@@ -219,6 +227,12 @@ def add_command(subparsers: Any) -> None:
         help="also write the headline metrics into the SavedModel's model card",
     )
     p.add_argument(
+        "--sheet",
+        action="store_true",
+        help="also write confidence-sheet.png: the most and least confident slices of each "
+        "class, with the model's Grad-CAM overlays where it can explain",
+    )
+    p.add_argument(
         "--mixed-precision",
         action="store_true",
         help="run the model as COVIDCT_MIXED_PRECISION=true does (bf16 on CPU, fp16 on GPU), "
@@ -261,6 +275,7 @@ def run_command(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             every_slice=args.every_slice,
             bootstrap=Bootstrap(resamples=args.bootstrap, seed=args.seed),
+            sheet=args.sheet,
         )
     except (ValueError, OSError) as e:  # bad layout, or no SavedModel with a card there
         logger.error("%s", e)

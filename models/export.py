@@ -1,8 +1,10 @@
 """Export a Keras model as the service's SavedModel, and check an export against the contract.
 
-The SavedModel holds one signature, `serving_default`: input `slices` float32
-[N, 512, 512, 1] raw stored values; outputs `covid_probability` [N] and `probabilities`
-[N, 2] (app/contract.py). The model card goes in `assets/`, completed with the intended
+The SavedModel holds two signatures (app/contract.py). `serving_default`: input `slices`
+float32 [N, 512, 512, 1] raw stored values; outputs `covid_probability` [N] and
+`probabilities` [N, 2]. `explain`: the same input, the same network and outputs, plus
+Grad-CAM of the covid class, `heatmap` [N, 512, 512] and `heatmap_empty` [N]
+(models/explain.py). The model card goes in `assets/`, completed with the intended
 use, out-of-scope uses, limitations and preprocessing (`contract.complete_card`), and the
 check after saving refuses a card and a graph that disagree about preprocessing
 (`contract.check_preprocessing`: the paper's network takes the raw values, unscaled).
@@ -32,6 +34,7 @@ from pydantic import ValidationError
 from app import contract
 from app.contract import ModelCard
 from models.architecture import build_fpn_resnet50v2
+from models.explain import make_explain
 from models.inference_graph import inference_graph
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,8 @@ SavedModelContractError = contract.ContractError
 
 
 def serving_module(model: Any) -> tf.Module:
-    """A tf.Module that tracks the model's variables once and serves them by the contract."""
+    """A tf.Module that tracks the model's variables once and serves them by the contract:
+    `serve` (serving_default) and `explain`, both calling the same `model`."""
     _check_model(model)
     spec = tf.TensorSpec(contract.INPUT_SHAPE, tf.float32, name=contract.INPUT_NAME)
 
@@ -67,7 +71,15 @@ def serving_module(model: Any) -> tf.Module:
     # nothing from Keras to load, and every variable is written exactly once.
     module.model_variables = list(model.variables)
     module.serve = tf.function(serve, input_signature=[spec])
+    # Grad-CAM over the very network `serve` calls (at export, the BN-folded copy): the
+    # same layers, the same variables, nothing stored twice.
+    module.explain = tf.function(make_explain(model), input_signature=[spec])
     return module
+
+
+def signatures(module: tf.Module) -> dict[str, Any]:
+    """The SavedModel's signatures: serving_default and explain."""
+    return {contract.SIGNATURE_KEY: module.serve, contract.EXPLAIN_SIGNATURE_KEY: module.explain}
 
 
 def export_saved_model(
@@ -100,7 +112,7 @@ def export_saved_model(
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide the export from the service's user
         started = time.perf_counter()
-        tf.saved_model.save(module, str(tmp), signatures={contract.SIGNATURE_KEY: module.serve})
+        tf.saved_model.save(module, str(tmp), signatures=signatures(module))
         contract.write_card(tmp, card)
         logger.info(
             "saved %s parameters (%.1f MB) in %.1f s",
@@ -109,7 +121,7 @@ def export_saved_model(
             time.perf_counter() - started,
         )
         if verify:
-            verify_saved_model(tmp)
+            verify_saved_model(tmp, require_explain=True)
         _publish(tmp, out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -194,15 +206,20 @@ def _publish(tmp: Path, out: Path, *, overwrite: bool) -> None:
 # --- verification -----------------------------------------------------------------------------
 
 
-def verify_saved_model(saved_model_dir: str | Path, *, run: bool = True) -> Any:
+def verify_saved_model(
+    saved_model_dir: str | Path, *, run: bool = True, require_explain: bool = False
+) -> Any:
     """Load a SavedModel and check it against app.contract; return the loaded object.
 
     Checks the signature's input name, shape and dtype, the output names, shapes and
     dtypes, the model card, and that the card's `preprocessing` agrees with the graph (a
     card saying none needs a graph that hands `slices` to its first convolution
     unchanged); with `run`, also one forward pass of a synthetic slice (finite
-    probabilities that sum to 1). Raises SavedModelContractError.
-    Keep the returned object alive while its signatures are used.
+    probabilities that sum to 1). The `explain` signature, where there is one (required
+    with `require_explain`: every export writes it), gets the same checks, and with `run`
+    must agree with serving_default and give a map in [0, 1].
+    Raises SavedModelContractError. Keep the returned object alive while its signatures
+    are used.
     """
     path = Path(saved_model_dir)
     if not (path / "saved_model.pb").is_file():
@@ -224,10 +241,30 @@ def verify_saved_model(saved_model_dir: str | Path, *, run: bool = True) -> Any:
     fn = loaded.signatures[contract.SIGNATURE_KEY]
     contract.check_signature(fn)
     contract.check_preprocessing(fn, card)
+    explain = _explain_signature(loaded, path, required=require_explain)
     if run:
         _verify_forward(fn)
+        if explain is not None:
+            _verify_explain(fn, explain)
     logger.info("%s keeps the serving contract (%s weights)", path, card.weights_source)
     return loaded
+
+
+def _explain_signature(loaded: Any, path: Path, *, required: bool) -> Any:
+    """The checked `explain` signature, or None where the SavedModel has none."""
+    if contract.EXPLAIN_SIGNATURE_KEY not in loaded.signatures:
+        if required:
+            raise SavedModelContractError(
+                f"SavedModel lacks signature '{contract.EXPLAIN_SIGNATURE_KEY}'. "
+                f"Received: {sorted(loaded.signatures)}"
+            )
+        logger.warning("%s has no explain signature: it serves, but cannot explain", path)
+        return None
+    fn = loaded.signatures[contract.EXPLAIN_SIGNATURE_KEY]
+    contract.check_explain_signature(fn)
+    # The same input, treated the same way as serving_default: the card's word holds too.
+    contract.check_preprocessing(fn, contract.read_card(path))
+    return fn
 
 
 def _verify_card(path: Path) -> ModelCard:
@@ -259,3 +296,40 @@ def _verify_forward(fn: Any) -> None:
             f"{contract.COVID_CLASS}. Received: probabilities={probabilities.tolist()}, "
             f"covid_probability={covid.tolist()}"
         )
+
+
+# Explain's probabilities against serving_default's, one synthetic slice: the same network
+# in another function (measured: equal to the last bit on this CPU; 1e-5 leaves room for
+# other kernels).
+EXPLAIN_AGREEMENT_ATOL = 1e-5
+
+
+def _verify_explain(fn: Any, explain: Any) -> None:
+    size = contract.IMAGE_SIZE
+    ramp = np.linspace(0, 2000, size * size, dtype=np.float32).reshape(1, size, size, 1)
+    served = fn(**{contract.INPUT_NAME: tf.constant(ramp)})
+    out = explain(**{contract.INPUT_NAME: tf.constant(ramp)})
+    heatmap = out[contract.OUTPUT_HEATMAP].numpy()
+    empty = out[contract.OUTPUT_HEATMAP_EMPTY].numpy()
+    if heatmap.shape != (1, size, size) or empty.shape != (1,):
+        raise SavedModelContractError(
+            f"explain of one slice must give a heatmap (1, {size}, {size}) and a flag (1,). "
+            f"Received: {heatmap.shape}, {empty.shape}"
+        )
+    if not (np.all(np.isfinite(heatmap)) and heatmap.min() >= 0 and heatmap.max() <= 1):
+        raise SavedModelContractError(
+            f"the heatmap must be finite, in [0, 1]. Received: min {heatmap.min()}, "
+            f"max {heatmap.max()}"
+        )
+    if bool(empty[0]) != (heatmap.max() == 0):
+        raise SavedModelContractError(
+            f"heatmap_empty must say whether the map is zero everywhere. Received: "
+            f"heatmap_empty={bool(empty[0])}, max {heatmap.max()}"
+        )
+    for name in (contract.OUTPUT_PROBABILITIES, contract.OUTPUT_COVID):
+        a, b = out[name].numpy(), served[name].numpy()
+        if not np.allclose(a, b, rtol=0, atol=EXPLAIN_AGREEMENT_ATOL):
+            raise SavedModelContractError(
+                f"explain's '{name}' must equal serving_default's. Received: {a.tolist()} "
+                f"and {b.tolist()}"
+            )

@@ -12,15 +12,21 @@ threads and SIGKILLs one replica partway through. Prints:
   seconds from the SIGKILL until HAProxy marked the dead replica DOWN and stopped
   sending to it, from its stats socket; each replica's time from start to ready.
 
-The jobs-lost figure of issue 15 needs the shared Redis job store of the asynchronous
-jobs (issue 13); it is reported only when that store exists.
+With --jobs N (and redis-server installed: Debian package redis-server) both replicas
+share a Redis job store on loopback and one jobs directory, and N asynchronous jobs
+(POST /jobs through the proxy) are submitted alongside the load, before the kill. After
+the load every job is followed (GET /jobs/{id} through the proxy) until it ends: the
+report says how many ended done and right, failed, or were lost (target 0); a job the
+killed replica was running is run again by the other once its lease runs out.
 
 Needs HAProxy (Debian: apt-get install -y haproxy) and .venv (scripts/setup-venv.sh train).
 Builds the model into --model-dir when it holds none (python -m models build-default).
 Every process it starts runs in its own session and is ended by its id at the end.
 
 Usage: .venv/bin/python scripts/failover.py [--clients 4] [--seconds 60] [--kill-after 20]
-Exits 1 when an answer was wrong or the proxy never stopped sending to the dead replica.
+       [--jobs 8]
+Exits 1 when an answer was wrong, a job was lost, or the proxy never stopped sending to
+the dead replica.
 """
 
 from __future__ import annotations
@@ -92,10 +98,13 @@ class Replica:
     ready_s: float | None = None
 
 
-def start_replica(name: str, model_dir: Path, log: Path, max_batch: int) -> Replica:
+def start_replica(
+    name: str, model_dir: Path, log: Path, max_batch: int, jobs_env: dict[str, str]
+) -> Replica:
     port = free_port()
     env = {
         **os.environ,
+        **jobs_env,
         "COVIDCT_MODEL_DIR": str(model_dir),
         "COVIDCT_DEVICE": "cpu",
         "COVIDCT_MAX_BATCH_SIZE": str(max_batch),
@@ -127,6 +136,30 @@ def wait_ready(replica: Replica, timeout_s: float) -> None:
                 return
         time.sleep(0.5)  # polling a process we do not control; no event to wait on
     raise TimeoutError(f"replica {replica.name} not ready after {timeout_s:.0f} s")
+
+
+def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    redis = shutil.which("redis-server")
+    if redis is None:
+        raise SystemExit("--jobs needs redis-server: apt-get install -y redis-server")
+    port = free_port()
+    workdir = tmp / "redis"
+    workdir.mkdir()
+    config = workdir / "redis.conf"
+    config.write_text(f'bind {HOST}\nport {port}\ndir {workdir}\nsave ""\nappendonly no\n')
+    with (tmp / "redis.log").open("wb") as out:
+        process = subprocess.Popen(
+            [redis, str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    deadline = time.monotonic() + 30
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1) as c:
+            c.sendall(b"PING\r\n")
+            if c.recv(16).startswith(b"+PONG"):
+                return process, f"redis://{HOST}:{port}/0"
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("redis-server did not start")
+        time.sleep(0.1)  # polling a process we do not control
 
 
 def haproxy_config(port: int, socket_path: Path, replicas: list[Replica]) -> str:
@@ -273,14 +306,25 @@ class Answer:
     done_at: float = 0.0
 
 
-def post(port: int, archive: bytes, patient_id: str, timeout_s: float) -> Answer:
+def post(
+    port: int, archive: bytes, patient_id: str, timeout_s: float, path: str = "/patients/diagnose"
+) -> Answer:
     body, content_type = multipart({"patient_id": patient_id}, archive)
+    return request(port, "POST", path, timeout_s, body, {"Content-Type": content_type})
+
+
+def request(
+    port: int,
+    method: str,
+    path: str,
+    timeout_s: float,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
     answer = Answer(status=None, sent_at=time.monotonic())
     try:
         conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-        conn.request(
-            "POST", "/patients/diagnose", body=body, headers={"Content-Type": content_type}
-        )
+        conn.request(method, path, body=body, headers=headers or {})
         response = conn.getresponse()
         answer.status = response.status
         answer.content_type = response.getheader("Content-Type", "")
@@ -397,6 +441,79 @@ def client(
         classify(post(port, archive, patient_id, timeout_s), reference, patient_id, tally)
 
 
+# --- asynchronous jobs ------------------------------------------------------------------------
+
+
+@dataclass
+class JobTally:
+    submitted: dict[str, tuple[str, str]] = field(default_factory=dict)  # id: (study, patient)
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    done_right: int = 0
+    done_wrong: int = 0
+    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+    lost: int = 0
+    rerun: int = 0
+    last_end_after_kill: float | None = None
+
+
+def submit_jobs(
+    port: int,
+    studies: dict[str, tuple[bytes, Reference]],
+    count: int,
+    tally: JobTally,
+    timeout_s: float,
+) -> None:
+    names = sorted(studies)
+    for i in range(count):
+        study = names[i % len(names)]
+        patient_id = f"failover-job-{uuid.uuid4().hex[:12]}"
+        answer = post(port, studies[study][0], patient_id, timeout_s, path="/jobs")
+        if answer.status == 202:
+            tally.submitted[json.loads(answer.body)["id"]] = (study, patient_id)
+        else:
+            tally.refused[str(answer.status or answer.error)] += 1
+
+
+def follow_jobs(
+    port: int,
+    studies: dict[str, tuple[bytes, Reference]],
+    tally: JobTally,
+    killed_at: float,
+    deadline_s: float,
+) -> None:
+    """Wait for every submitted job to end (long polls through the proxy)."""
+    deadline = time.monotonic() + deadline_s
+    for job_id, (study, patient_id) in tally.submitted.items():
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                tally.lost += 1
+                break
+            wait = min(30.0, left)
+            answer = request(port, "GET", f"/jobs/{job_id}?wait={wait:.0f}", wait + 30)
+            if answer.status == 404:
+                tally.lost += 1
+                break
+            if answer.status != 200:
+                continue  # the proxy or a draining replica; ask again
+            job = json.loads(answer.body)
+            if job["state"] not in ("done", "failed"):
+                continue
+            tally.last_end_after_kill = max(
+                tally.last_end_after_kill or 0.0, time.monotonic() - killed_at
+            )
+            tally.rerun += job["attempts"] > 1
+            if job["state"] == "failed":
+                tally.failed[job["problem"]["type"].rsplit("/", 1)[-1]] += 1
+            else:
+                got = summary(json.dumps(job["diagnosis"]).encode())
+                expected = {**studies[study][1], "patient_id": patient_id}
+                right = got["patient_id"] == patient_id and same(got, expected)
+                tally.done_right += right
+                tally.done_wrong += not right
+            break
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -413,6 +530,24 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=4)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     parser.add_argument("--request-timeout", type=float, default=120.0)
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="asynchronous jobs submitted with the load (needs redis-server)",
+    )
+    parser.add_argument(
+        "--job-lease-s",
+        type=float,
+        default=10.0,
+        help="COVIDCT_JOBS_LEASE_S: how soon a dead replica's job runs again",
+    )
+    parser.add_argument(
+        "--jobs-deadline",
+        type=float,
+        default=300.0,
+        help="after the load, how long the jobs may take to end",
+    )
     args = parser.parse_args()
     if not 0 < args.kill_after < args.seconds:
         parser.error("--kill-after must fall inside the load (0 < kill-after < seconds)")
@@ -435,9 +570,20 @@ def run(
     tmp: Path,
     started: list[subprocess.Popen[bytes]],
 ) -> int:
+    shared_jobs: dict[str, str] = {}
+    if args.jobs:
+        redis, redis_url = start_redis(tmp)
+        started.append(redis)
+        shared_jobs = {
+            "COVIDCT_JOBS_STORE_URL": redis_url,
+            "COVIDCT_JOBS_DATA_DIR": str(tmp / "jobs"),  # one directory, as on a shared volume
+            "COVIDCT_JOBS_LEASE_S": str(args.job_lease_s),
+        }
     replicas = []
     for name in ("a", "b"):
-        replica = start_replica(name, args.model_dir, tmp / f"{name}.log", args.max_batch_size)
+        jobs_env = shared_jobs or {"COVIDCT_JOBS_DATA_DIR": str(tmp / f"jobs-{name}")}
+        log = tmp / f"{name}.log"
+        replica = start_replica(name, args.model_dir, log, args.max_batch_size, jobs_env)
         started.append(replica.process)
         replicas.append(replica)
     for replica in replicas:
@@ -487,7 +633,13 @@ def run(
         )
         for i in range(args.clients)
     ]
-    for t in threads:
+    jobs = JobTally()
+    submitter = threading.Thread(
+        target=submit_jobs,
+        args=(proxy_port, studies, args.jobs, jobs, args.request_timeout),
+        daemon=True,
+    )
+    for t in [*threads, submitter]:
         t.start()
     stopped = threading.Event()
     stopped.wait(args.kill_after)  # the kill time is part of the experiment, not a sync
@@ -496,19 +648,28 @@ def run(
     watcher = threading.Thread(target=watch.run, daemon=True)
     watcher.start()
     victim.process.wait(timeout=30)
-    for t in threads:
+    for t in [*threads, submitter]:
         t.join(timeout=args.seconds + args.request_timeout + 30)
     watch.stop.set()
     watcher.join(timeout=10)
     wall = time.monotonic() - load_start
+    if args.jobs:
+        follow_jobs(proxy_port, studies, jobs, watch.killed_at, args.jobs_deadline)
 
-    report(args, tally, watch, wall, replicas)
+    report(args, tally, watch, wall, replicas, jobs)
     ok = tally.wrong == 0 and watch.down_at is not None and tally.right > 0
+    if args.jobs:
+        ok = ok and jobs.lost == 0 and jobs.done_wrong == 0 and not jobs.refused
     return 0 if ok else 1
 
 
 def report(
-    args: argparse.Namespace, tally: Tally, watch: DownWatch, wall: float, replicas: list[Replica]
+    args: argparse.Namespace,
+    tally: Tally,
+    watch: DownWatch,
+    wall: float,
+    replicas: list[Replica],
+    jobs: JobTally,
 ) -> None:
     def seconds(at: float | None) -> str:
         return "never" if at is None else f"{at - watch.killed_at:.2f} s"
@@ -534,8 +695,22 @@ def report(
         ("dead replica marked DOWN after", seconds(watch.down_at)),
         ("last connection attempt to it at", seconds(watch.last_attempt_at)),
         ("connection attempts to it after the kill", str(watch.attempts_after_kill)),
-        ("jobs lost", "not measured: the shared (Redis) job store of issue 13 is not in use"),
     ]  # fmt: skip
+    if args.jobs:
+        lines += [
+            ("jobs submitted (202)", f"{len(jobs.submitted)} of {args.jobs}, shared Redis "
+                                     f"store, lease {args.job_lease_s:.0f} s"),
+            ("jobs refused", _counts(jobs.refused)),
+            ("jobs done, right", str(jobs.done_right)),
+            ("jobs done, wrong", str(jobs.done_wrong)),
+            ("jobs failed", _counts(jobs.failed)),
+            ("jobs run again (attempts > 1)", str(jobs.rerun)),
+            ("jobs lost", str(jobs.lost)),
+            ("last job ended at", "-" if jobs.last_end_after_kill is None
+                                  else f"+{jobs.last_end_after_kill:.1f} s after the kill"),
+        ]  # fmt: skip
+    else:
+        lines.append(("jobs lost", "not measured (run with --jobs N and redis-server)"))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         print(f"{key:<{width}}  {value}")

@@ -39,9 +39,10 @@ def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def client(test_model_dir: Path) -> Iterator[TestClient]:
+def client(test_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
     """The real ASGI app with the seeded SavedModel, loaded and warm."""
-    app = create_app(make_settings(test_model_dir))
+    jobs = tmp_path_factory.mktemp("jobs")  # its job store and uploads, not var/jobs
+    app = create_app(make_settings(test_model_dir, jobs_data_dir=jobs))
     with TestClient(app) as c:
         wait_ready(c)
         yield c

@@ -3,7 +3,7 @@ TIFF pages, and real series re-stored with other geometry (flipped, transposed,
 reformatted), all in memory.
 
 Used by tests/ingest/, test_hostile_input.py, test_phi.py, test_judging_api.py and, through
-tests/hostile.py, by scripts/fuzz.py. Nothing written here is kept: real data never enters
+tests/hostile.py, by tests/tools/fuzz.py. Nothing written here is kept: real data never enters
 the repository.
 """
 

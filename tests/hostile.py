@@ -2,7 +2,7 @@
 and apps that share one loaded model (files with patient data planted: dicom_factory.py).
 
 Used by tests/test_hostile_input.py, test_fuzz.py, test_phi.py, test_access.py,
-test_openapi_schemathesis.py and by scripts/fuzz.py and scripts/load_test.py.
+test_openapi_schemathesis.py and by tests/tools/fuzz.py and tests/tools/load_test.py.
 """
 
 from __future__ import annotations

@@ -256,6 +256,22 @@ def test_model_directory_is_a_read_only_volume_by_default(service: dict[str, Any
     assert service["environment"]["COVIDCT_BUILD_DEFAULT_MODEL"] == "0"
 
 
+def test_jobs_directory_is_a_writable_volume(
+    service: dict[str, Any], dockerfile: list[tuple[str, str]]
+) -> None:
+    """The service writes only COVIDCT_JOBS_DATA_DIR: the image creates it for its user,
+    and compose keeps it in a named volume (a fresh one takes the image's ownership)."""
+    env: dict[str, str] = {}
+    for args in _args(dockerfile, "ENV"):
+        env.update(pair.split("=", 1) for pair in shlex.split(args))
+    jobs_dir = env["COVIDCT_JOBS_DATA_DIR"]
+    runs = " ".join(_args(dockerfile, "RUN"))
+    assert f"mkdir -p /models {jobs_dir}" in runs and f"/var/lib/covidct {jobs_dir}" in runs
+    mount = next(v for v in service["volumes"] if isinstance(v, dict) and v["target"] == jobs_dir)
+    assert mount["type"] == "volume" and not mount.get("read_only", False)
+    assert "COVIDCT_JOBS_DATA_DIR" not in service["environment"], "the image's path is mounted"
+
+
 def _healthcheck_url(test: list[str] | str) -> str:
     text = test if isinstance(test, str) else " ".join(test)
     urls = re.findall(r"https?://[^\s'\"]+", text)
@@ -521,7 +537,8 @@ def test_image_environment(dockerfile: list[tuple[str, str]]) -> None:
     assert env["COVIDCT_MODEL_DIR"].startswith("/models/")
     assert env["COVIDCT_ALLOW_UNTRAINED"] == "false"
     assert env["COVIDCT_BUILD_DEFAULT_MODEL"] == "0"
-    assert _args(dockerfile, "VOLUME") == ['["/models"]']
+    assert env["COVIDCT_JOBS_DATA_DIR"] == "/var/lib/covidct/jobs"
+    assert _args(dockerfile, "VOLUME") == ['["/models", "/var/lib/covidct/jobs"]']
 
 
 def test_image_copies_only_what_it_needs(dockerfile: list[tuple[str, str]]) -> None:

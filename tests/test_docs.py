@@ -5,7 +5,8 @@
 - docs/index.md lists every page in docs/;
 - the settings table in docs/settings.md is the one scripts/settings_doc.py generates from
   app/settings.py (so every setting is documented, with its real default);
-- every problem type the service can answer is in docs/api.md's table;
+- every problem type the service can answer is in docs/api.md's table, every metric it
+  exports in docs/operations.md's;
 - the README keeps the UNTRAINED warning, the two commands and the measured coverage.
 """
 
@@ -137,3 +138,19 @@ def test_every_problem_type_is_documented() -> None:
     expected = problem_types()
     assert len(expected) >= 20
     assert {t: rows.get(t) for t in expected} == expected
+
+
+def test_every_metric_is_documented() -> None:
+    import prometheus_client
+
+    import app.metrics
+
+    defined = {
+        m._name + ("_total" if isinstance(m, prometheus_client.Counter) else "")
+        for m in vars(app.metrics).values()
+        if isinstance(m, prometheus_client.metrics.MetricWrapperBase)
+    }
+    text = (DOCS / "operations.md").read_text(encoding="utf-8")
+    rows = set(re.findall(r"^\| `(covidct_[a-z0-9_]+)[{`]", text, re.M))
+    assert len(defined) >= 15
+    assert defined - rows == set(), "add these to the metrics table of docs/operations.md"

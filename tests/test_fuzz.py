@@ -1,7 +1,7 @@
 """Seeded fuzzing of POST /patients/diagnose with mutated real zips, DICOM and TIFF files:
 every answer is a 200 diagnosis or a 4xx problem+json, never a 5xx, and the service keeps
 answering. A fixed, seeded set of inputs (the same answers on any machine, however loaded);
-scripts/fuzz.py runs the long version.
+tests/tools/fuzz.py runs the long version.
 
 COVIDCT_FUZZ_SEED and COVIDCT_FUZZ_COUNT change the seed and the number of inputs.
 """

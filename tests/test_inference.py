@@ -247,3 +247,61 @@ def test_stopping_fails_what_is_queued_with_503(slices: np.ndarray) -> None:
         gate.set()
         engine.stop()
     assert recording.batches == [1]  # the worker took nothing after the stop
+
+
+@pytest.mark.parametrize(
+    "stated", ["divided by each slice's maximum", None], ids=["disagrees", "unstated"]
+)
+def test_loader_refuses_a_card_that_disagrees_with_the_graph_on_preprocessing(
+    test_model_dir: Path, tmp_path: Path, stated: str | None
+) -> None:
+    """The served graph takes raw values; a card that says otherwise, or an old card that
+    says nothing (exports made when the graph divided by the slice maximum), is refused."""
+    import shutil
+
+    from app.contract import ContractError, card_path
+
+    copy = tmp_path / "model"
+    shutil.copytree(test_model_dir, copy)
+    card = json.loads(card_path(copy).read_text())
+    assert card["preprocessing"].startswith("none")
+    if stated is None:
+        del card["preprocessing"]
+    else:
+        card["preprocessing"] = stated
+    card_path(copy).write_text(json.dumps(card))
+    with pytest.raises(ContractError, match="preprocessing"):
+        SavedModelPredictor(copy)
+
+
+def test_slices_are_taken_by_index_in_the_order_given(slices: np.ndarray) -> None:
+    engine = InferenceEngine(fake_model, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+    order = np.array([4, 0, 2])
+
+    async def go() -> tuple[np.ndarray, np.ndarray]:
+        picked = await engine.predict(slices, order)
+        with pytest.raises(ValueError, match="indices"):
+            await engine.predict(slices, np.array([0, 6]))
+        return picked, await engine.predict(slices, np.zeros(0, np.int64))
+
+    engine.start()
+    try:
+        picked, none = asyncio.run(go())
+    finally:
+        engine.stop()
+    np.testing.assert_allclose(picked, fake_model(slices[order].astype(np.float32)))
+    assert none.shape == (0,)
+
+
+def test_every_batch_is_written_into_one_reused_float32_buffer(slices: np.ndarray) -> None:
+    seen: list[tuple[int, str, tuple[int, ...]]] = []
+
+    def pointer(batch: np.ndarray) -> np.ndarray:
+        seen.append((batch.__array_interface__["data"][0], batch.dtype.name, batch.shape))
+        return fake_model(batch)
+
+    engine = InferenceEngine(pointer, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+    a, b = run_engine(engine, slices[:3], slices[3:])
+    np.testing.assert_allclose(np.concatenate([a, b]), fake_model(slices.astype(np.float32)))
+    assert [s[2] for s in seen] == [(2, 512, 512, 1)] * 3
+    assert {s[:2] for s in seen} == {(seen[0][0], "float32")}  # one buffer, every call

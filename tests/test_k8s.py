@@ -52,10 +52,6 @@ PORT = 8000
 # Variables the container entrypoint reads (docker/entrypoint.sh), not the service.
 ENTRYPOINT_VARIABLES = {"COVIDCT_REQUIRE_API_KEYS", "COVIDCT_BUILD_DEFAULT_MODEL"}
 SECRET = "covidct-secrets"
-# The shared job store's URL (the asynchronous jobs' Redis store): the Deployment passes it
-# from the Secret, optionally, under this name until the service has a setting for it;
-# from then on it must carry the setting's name (test_job_store_url_...).
-JOB_STORE_VARIABLE = "COVIDCT_JOBS_STORE_URL"
 # docs/benchmarks.md: server RSS + decode workers' USS with 4 concurrent clients, the
 # largest of the clean runs (2.44-2.50 GB).
 MEASURED_PEAK_BYTES_4_CLIENTS = 2.50e9
@@ -146,6 +142,7 @@ def test_overlay_renders_the_whole_deployment(overlay: str) -> None:
             "Namespace",
             "ServiceAccount",
             "ConfigMap",
+            "PersistentVolumeClaim",
             "PersistentVolumeClaim",
             "Deployment",
             "Service",
@@ -314,30 +311,52 @@ def test_probes_name_routes_the_app_serves(overlay: str) -> None:
         assert "GET" in routes[endpoint["path"]], endpoint["path"]
 
 
-def exported_metrics() -> dict[str, str]:
-    """Name → type of every metric family in the app's registry."""
+def exported_gauges() -> dict[str, tuple[str, ...]]:
+    """Name → label names of every gauge the app defines (app/metrics.py)."""
     import prometheus_client
 
-    import app.metrics  # noqa: F401  (registers the app's metrics)
+    import app.metrics
 
-    return {m.name: m.type for m in prometheus_client.REGISTRY.collect()}
+    return {
+        metric._name: tuple(metric._labelnames)
+        for metric in vars(app.metrics).values()
+        if isinstance(metric, prometheus_client.Gauge)
+    }
 
 
-def test_autoscalers_scale_on_a_gauge_the_app_exports(with_hpa: list[dict[str, Any]]) -> None:
-    metrics = exported_metrics()
-    trigger = one(rendered("gpu"), "ScaledObject")["spec"]["triggers"][0]
-    assert trigger["type"] == "prometheus"
-    query = trigger["metadata"]["query"]
-    names = set(re.findall(r"\bcovidct_[a-z0-9_]+", query))
-    assert names == {"covidct_inference_queue_slices"}, query
-    for name in names:
-        assert metrics.get(name) == "gauge", f"{name}: {metrics.get(name)}"
-    hpa_metric = one(with_hpa, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]
-    assert hpa_metric["metric"]["name"] in names
-    # The query sums this deployment's replicas: namespace and Service as rendered.
-    labels = dict(re.findall(r'(\w+)="([^"]*)"', query))
+def query_selectors(query: str) -> list[tuple[str, dict[str, str]]]:
+    """(metric, {label: value}) for each `name{...}` selector in a PromQL query."""
+    return [
+        (name, dict(re.findall(r'(\w+)="([^"]*)"', labels)))
+        for name, labels in re.findall(r"\b(covidct_[a-z0-9_]+)\{([^}]*)\}", query)
+    ]
+
+
+def test_autoscalers_scale_on_gauges_the_app_exports(with_hpa: list[dict[str, Any]]) -> None:
+    gauges = exported_gauges()
+    assert "covidct_inference_queue_slices" in gauges
     service = one(rendered("gpu"), "Service")["metadata"]
-    assert labels == {"namespace": service["namespace"], "service": service["name"]}
+    triggers = one(rendered("gpu"), "ScaledObject")["spec"]["triggers"]
+    metrics = []
+    for trigger in triggers:
+        assert trigger["type"] == "prometheus"
+        query = trigger["metadata"]["query"]
+        selectors = query_selectors(query)
+        assert len(selectors) == 1, query
+        ((name, labels),) = selectors
+        assert name in gauges, f"{name}: not a gauge of app/metrics.py"
+        # This deployment's series (namespace and Service as rendered), by the metric's
+        # own labels otherwise.
+        assert labels.pop("namespace") == service["namespace"]
+        assert labels.pop("service") == service["name"]
+        assert set(labels) <= set(gauges[name]), (name, labels)
+        metrics.append(name)
+    assert metrics[0] == "covidct_inference_queue_slices"
+    assert "covidct_jobs" in metrics
+    jobs_query = triggers[metrics.index("covidct_jobs")]["metadata"]["query"]
+    assert jobs_query.startswith("max("), "every replica reports the store-wide count"
+    hpa_metric = one(with_hpa, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["pods"]
+    assert hpa_metric["metric"]["name"] == "covidct_inference_queue_slices"
 
 
 def test_hpa_alternative_applies_the_same_policy(with_hpa: list[dict[str, Any]]) -> None:
@@ -365,31 +384,33 @@ def setting_variables() -> set[str]:
 def test_every_variable_is_a_setting(overlay: str) -> None:
     docs = rendered(overlay)
     known = setting_variables() | ENTRYPOINT_VARIABLES
-    if not store_url_settings():
-        known.add(JOB_STORE_VARIABLE)
     names = set(config(docs)) | {e["name"] for e in container(docs).get("env", [])}
     unknown = {n for n in names if n.startswith("COVIDCT_")} - known
     assert unknown == set(), "not a setting (a typo is silently ignored by the service)"
 
 
-def store_url_settings() -> set[str]:
-    return {v for v in setting_variables() if v.endswith("STORE_URL")}
-
-
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_job_store_url_is_passed_under_its_setting_name(overlay: str) -> None:
-    env = container(rendered(overlay))["env"]
-    refs = [
-        e
-        for e in env
-        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == "job-store-url"
-    ]
-    assert len(refs) == 1
-    if store_url_settings():
-        assert {refs[0]["name"]} == store_url_settings()
-    else:  # not read by the service yet: optional, so pods start without it
-        assert refs[0]["name"] == JOB_STORE_VARIABLE
-        assert refs[0]["valueFrom"]["secretKeyRef"]["optional"] is True
+def test_jobs_share_a_store_and_a_directory(overlay: str) -> None:
+    """Several replicas: the job records in one Redis (the URL from the Secret, required,
+    or each replica would keep its own SQLite store), the uploads in one ReadWriteMany
+    volume mounted read-write where COVIDCT_JOBS_DATA_DIR points."""
+    docs = rendered(overlay)
+    env = {e["name"]: e for e in container(docs)["env"]}
+    ref = env["COVIDCT_JOBS_STORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == (SECRET, "job-store-url")
+    assert not ref.get("optional", False)
+    jobs_dir = config(docs)["COVIDCT_JOBS_DATA_DIR"]
+    mount = next(m for m in container(docs)["volumeMounts"] if m["mountPath"] == jobs_dir)
+    assert not mount.get("readOnly", False)
+    volume = next(v for v in pod_spec(docs)["volumes"] if v["name"] == mount["name"])
+    claim = claims(docs)[volume["persistentVolumeClaim"]["claimName"]]
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    budget = int(config(docs)["COVIDCT_JOBS_UPLOAD_BUDGET_BYTES"])
+    assert quantity(claim["spec"]["resources"]["requests"]["storage"]) >= budget
+
+
+def claims(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == "PersistentVolumeClaim"}
 
 
 @pytest.fixture
@@ -410,9 +431,11 @@ def test_configmap_values_pass_the_settings_validation(
     for name, value in data.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("COVIDCT_API_KEYS", '["k3y"]')  # from the Secret
+    monkeypatch.setenv("COVIDCT_JOBS_STORE_URL", "redis://redis:6379/0")  # from the Secret
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.device == overlay
     assert str(settings.model_dir) == data["COVIDCT_MODEL_DIR"]
+    assert settings.jobs_config().store_kind == "redis"
     assert settings.allow_untrained is False
 
 
@@ -493,7 +516,7 @@ def test_model_is_a_read_only_volume(overlay: str) -> None:
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     claim = volume["persistentVolumeClaim"]
     assert claim["readOnly"] is True
-    assert claim["claimName"] == one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    assert claim["claimName"] in claims(docs)
 
 
 def quantity(text: str | int) -> float:

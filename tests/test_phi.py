@@ -171,7 +171,7 @@ def test_an_unexpected_error_leaks_nothing(
     def failing(*_: object) -> None:
         raise RuntimeError(f"cannot handle {PHI_NAME} born 19700131 in {PHI_DIR}")
 
-    monkeypatch.setattr("app.pipeline.ingest_zip", failing)
+    monkeypatch.setattr("app.pipeline.open_study", failing)
     raw = TestClient(client.app, raise_server_exceptions=False)
     r = send(raw, captured, in_phi_dir(("a.dcm", phi_slice())))
     assert r.status_code == 500

@@ -30,15 +30,22 @@ def configure_libraries() -> None:
     protect_library_logs()
 
 
+# GDCM (see below), and pyjpegls, which highdicom installs: a second JPEG-LS decoder that
+# would get a second try at every stream pylibjpeg refuses, never fuzzed here.
+_UNTRUSTED_PLUGINS = ("gdcm", "pyjpegls")
+
+
 def _never_gdcm() -> None:
     """Take GDCM out of every pydicom decoder, even where it is installed.
 
     pydicom would try it first for the JPEG family (it decodes JPEG Lossless ~1.5× faster
     than pylibjpeg), but a fuzzed JPEG Lossless stream made it throw a C++ exception that
     aborts the whole process (std::terminate in gdcmJPEGCodec.cxx). pylibjpeg decodes
-    every syntax the service takes and raises Python exceptions on bad data.
+    every syntax the service takes and raises Python exceptions on bad data. pyjpegls
+    (installed with highdicom) goes too: only the decoders the fuzz tests ran are used.
     """
     for uid in AllTransferSyntaxes:
-        # NotImplementedError: no decoder for that syntax; ValueError: no GDCM plugin in it
-        with contextlib.suppress(NotImplementedError, ValueError):
-            get_decoder(uid).remove_plugin("gdcm")
+        for plugin in _UNTRUSTED_PLUGINS:
+            # NotImplementedError: no decoder for that syntax; ValueError: no such plugin in it
+            with contextlib.suppress(NotImplementedError, ValueError):
+                get_decoder(uid).remove_plugin(plugin)

@@ -9,10 +9,12 @@ Every series leaves as uint16 [N, 512, 512].
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,12 +64,23 @@ def check_groups(groups: list[tuple[GroupKey, list[Frame]]], limits: IngestLimit
         raise errors.ZipBombError(f"the slices would decode to {2 * pixels} bytes, over the limit")
 
 
-def build_series(
-    key: GroupKey, frames: list[Frame], pool: DecodePool | None
-) -> tuple[Series | None, list[Skipped]]:
-    """Order, drop duplicates, judge the orientation, decode into one uint16 stack (in the
-    standard display when axial), resample to 512×512 if needed. Returns the series (None
-    when no frame decoded) and the members whose pixels could not be decoded."""
+@dataclass(frozen=True)
+class SeriesPlan:
+    """A series before its pixels are decoded: its frames in order (duplicates dropped),
+    how they were ordered, whether it is set aside, and its slices' shape once displayed."""
+
+    key: GroupKey
+    frames: list[Frame]
+    order: str
+    notes: list[str]
+    set_aside: str | None
+    to_display: bool  # bring the frames to the standard display (axial DICOM)
+    shape: tuple[int, int]
+
+
+def plan_series(key: GroupKey, frames: list[Frame]) -> SeriesPlan:
+    """Order, drop duplicates, judge the orientation; header facts only, nothing decoded.
+    Raises MixedSliceSizesError when the slices differ in size once displayed."""
     kind = frames[0].kind
     frames, order, notes = _order_dicom(frames) if kind == "dicom" else _order_tiff(frames)
     set_aside = _not_axial(frames) if kind == "dicom" else None
@@ -80,10 +93,24 @@ def build_series(
             "slices of one series differ in size once in the standard display (non-square "
             "slices stored in different orientations)"
         )
-    stack = np.empty((len(frames), *shapes.pop()), dtype=np.uint16)
+    return SeriesPlan(key, frames, order, notes, set_aside, to_display, shapes.pop())
+
+
+def decode_series(plan: SeriesPlan, pool: DecodePool | None) -> tuple[Series | None, list[Skipped]]:
+    """Decode a planned series into one uint16 stack (in the standard display when axial),
+    filled slice by slice in place, and resample it to 512×512 if needed. Returns the series
+    (None when no frame decoded) and the members whose pixels could not be decoded.
+
+    Each frame lets go of its member's bytes once decoded (the plan's frames are replaced
+    by their header facts): a series being decoded holds its compressed data and its
+    pixels together only once."""
+    frames, kind, to_display = plan.frames, plan.frames[0].kind, plan.to_display
+    notes = list(plan.notes)
+    stack = np.empty((len(frames), *plan.shape), dtype=np.uint16)
     kept: list[Frame] = []
     skipped: list[Skipped] = []
-    for frame, values in zip(frames, _decoded(frames, pool), strict=True):
+    for i, values in enumerate(_decoded(frames, pool)):
+        frame = frames[i] = _spent(frames[i])
         try:
             if isinstance(values, BaseException):
                 raise values
@@ -113,13 +140,13 @@ def build_series(
     series = Series(
         index=0,
         kind=kind,
-        key=key[2],
+        key=plan.key[2],
         pixels=stack,
-        order=order,
+        order=plan.order,
         slices=tuple(SliceInfo(f.name, f.frame, f.position, f.instance) for f in kept),
         resampled_from=resampled_from,
         notes=tuple(notes),
-        set_aside=set_aside,
+        set_aside=plan.set_aside,
         geometry=geometry,
     )
     return series, skipped
@@ -131,17 +158,27 @@ def _decoded(frames: list[Frame], pool: DecodePool | None) -> Iterator[Any]:
     done = 0
     if pool is not None and all(f.task is not None for f in frames):
         try:
-            for outcome in pool.decode(decode_frame, [f.task for f in frames if f.task]):
+            tasks = (f.task for f in frames if f.task)  # taken as submitted, not all at once
+            for outcome in pool.decode(decode_frame, tasks):
                 yield outcome
                 done += 1
             return
         except DecodePoolBroken:
             pass  # logged by the pool; the frames not yet decoded are decoded here
-    for frame in frames[done:]:
+    for i in range(done, len(frames)):  # by index: the caller drops each frame's bytes
         try:
-            yield frame.load()
+            yield frames[i].load()
         except Exception as e:  # decoders raise many types on corrupt data
             yield e
+
+
+def _spent(frame: Frame) -> Frame:
+    """The frame's header facts, without its member's bytes (once its pixels are decoded)."""
+    return dataclasses.replace(frame, load=_already_decoded, task=None)
+
+
+def _already_decoded() -> np.ndarray:
+    raise RuntimeError("this frame's pixels were decoded already")
 
 
 # --- order ---------------------------------------------------------------------------

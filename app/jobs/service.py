@@ -44,13 +44,20 @@ class JobService:
         params: JSONObject,
         callback_url: str | None = None,
         size_hint: int | None = None,
+        job_id: str | None = None,
     ) -> Job:
         """Queue a job for `source` (read to its end): the queued job, or `CallbackRefused`,
-        `UploadTooLarge`, `QueueFull` (nothing kept on disk or in the store then)."""
+        `UploadTooLarge`, `QueueFull` (nothing kept on disk or in the store then).
+
+        `job_id`: an id drawn earlier with `new_job_id()` (a study received over STOW-RS
+        names its job before it is queued); a new one by default."""
         if callback_url is not None:
             check_callback_url(callback_url, self.config.callback_allowlist)
         self.check_room(size_hint)
-        job_id = new_job_id()
+        if job_id is None:
+            job_id = new_job_id()
+        else:  # a try cut short by a crash may have left a part of this very upload
+            self.uploads.discard_part(job_id)
         name, size = self.uploads.write(job_id, source, max_bytes=self.config.upload_budget_bytes)
         new = NewJob(job_id, owner, name, size, params, callback_url)
         try:

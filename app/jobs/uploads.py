@@ -74,6 +74,11 @@ class UploadArea:
         self._sync_directory()
         return name, size
 
+    def discard_part(self, job_id: str) -> None:
+        """Remove the unfinished copy of a job's upload (a write cut short by a crash)."""
+        self.name_for(job_id)  # checks the id's shape before it names a file
+        (self.directory / f".{job_id}{_PART_SUFFIX}").unlink(missing_ok=True)
+
     def delete(self, name: str) -> bool:
         """Remove an upload (a file, or a folder of files); False if it was gone already."""
         path = self.path_of(name)

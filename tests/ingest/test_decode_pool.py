@@ -1,11 +1,13 @@
 """Decoding in worker processes (app/ingest/pool.py) gives ingest's pixels, configures the
-libraries in each worker, and survives a worker that dies."""
+libraries in each worker, and survives a worker that dies; the pool's default size follows
+the cores this process may use (affinity, cgroup CPU quota)."""
 
 from __future__ import annotations
 
 import io
 import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +15,15 @@ import pydicom
 import pytest
 from pydicom.encaps import encapsulate
 
-from app.ingest import DecodePool, DecodePoolBroken, IngestLimits, ingest_zip
+from app.ingest import (
+    DecodePool,
+    DecodePoolBroken,
+    IngestLimits,
+    default_decode_workers,
+    ingest_zip,
+    usable_cores,
+)
+from app.ingest.pool import cpu_quota
 from shared_data import P002, needs_data, zip_dirs, zip_files
 
 LIMITS = IngestLimits()
@@ -56,6 +66,16 @@ def test_tasks_come_back_in_order_with_their_own_errors(pool: DecodePool) -> Non
 def test_workers_start_with_the_libraries_configured(pool: DecodePool) -> None:
     for validation_off, plugins in pool.decode(worker_set_up, [(0,), (1,)]):
         assert validation_off and "gdcm" not in plugins and "pylibjpeg" in plugins
+
+
+def niceness(_: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_workers_run_nicer_than_the_service(pool: DecodePool) -> None:
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    assert pool.nice == 10
+    assert set(pool.decode(niceness, [(0,), (1,), (2,), (3,)])) == {min(here + 10, 19)}
 
 
 def test_a_dead_worker_raises_and_the_next_call_gets_a_fresh_pool(pool: DecodePool) -> None:
@@ -112,3 +132,106 @@ def test_a_pool_that_breaks_midway_leaves_the_rest_to_this_thread(
         ingest_zip(archive, LIMITS, pool).series[0].pixels,
         ingest_zip(archive, LIMITS).series[0].pixels,
     )
+
+
+def test_results_come_back_in_order_past_the_tasks_kept_ahead(pool: DecodePool) -> None:
+    # 2 workers keep 4 tasks submitted ahead: 50 tasks take the window along.
+    out = list(pool.decode(square, [(i,) for i in range(50)]))
+    assert out == [i * i for i in range(50)]
+
+
+def test_a_default_pool_has_a_worker_per_usable_core() -> None:
+    assert DecodePool().workers == default_decode_workers() == min(usable_cores(), 64)
+    assert DecodePool(3).workers == 3
+    assert 1 <= usable_cores() <= (os.cpu_count() or 1)
+
+
+# --- the cores this process may use: affinity and the cgroup's CPU quota ---------------
+
+
+def fake_proc(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str]]) -> Path:
+    """/proc/self/cgroup and /proc/self/mountinfo under tmp_path; `mounts`: (root inside
+    the hierarchy, mount point, filesystem type, super options) per cgroup mount."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cgroup").write_text(cgroup)
+    lines = [
+        f"{30 + i} 23 0:{28 + i} {root} {point} rw,relatime shared:{i} - {fstype} cgroup {opts}"
+        for i, (root, point, fstype, opts) in enumerate(mounts)
+    ]
+    (proc / "mountinfo").write_text("\n".join(["23 1 8:1 / / rw - ext4 /dev/sda1 rw", *lines]))
+    return proc
+
+
+def write(folder: Path, **files: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name.replace("__", ".")).write_text(text + "\n")
+
+
+def test_cgroup_v2_quota_rounds_up_and_the_smallest_along_the_path_counts(
+    tmp_path: Path,
+) -> None:
+    fs = tmp_path / "cgroup2"
+    proc = fake_proc(tmp_path, "0::/kubepods/pod1/ctr\n", [("/", str(fs), "cgroup2", "rw")])
+    write(fs / "kubepods" / "pod1" / "ctr", cpu__max="150000 100000")
+    assert cpu_quota(proc) == 1.5
+    assert usable_cores(proc, affinity=8) == 2  # 1.5 CPUs: two workers share them
+    write(fs / "kubepods", cpu__max="max 100000")
+    write(fs / "kubepods" / "pod1", cpu__max="100000 100000")  # the pod's limit binds
+    assert usable_cores(proc, affinity=8) == 1
+    assert usable_cores(proc, affinity=1) == 1
+
+
+def test_cgroup_v2_without_a_limit_leaves_the_affinity(tmp_path: Path) -> None:
+    fs = tmp_path / "cgroup2"
+    proc = fake_proc(tmp_path, "0::/\n", [("/", str(fs), "cgroup2", "rw")])
+    write(fs, cpu__max="max 100000")
+    assert cpu_quota(proc) is None
+    assert usable_cores(proc, affinity=6) == 6
+
+
+def test_cgroup_v1_quota_in_a_namespaced_container(tmp_path: Path) -> None:
+    # Docker on cgroup v1: the container's cgroup is the root of what it has mounted.
+    cpu = tmp_path / "cpu,cpuacct"
+    proc = fake_proc(
+        tmp_path,
+        "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n0::/system.slice\n",
+        [("/docker/abc", str(cpu), "cgroup", "rw,cpu,cpuacct"),
+         ("/docker/abc", str(tmp_path / "memory"), "cgroup", "rw,memory")],
+    )  # fmt: skip
+    write(cpu, cpu__cfs_quota_us="300000", cpu__cfs_period_us="100000")
+    assert cpu_quota(proc) == 3.0
+    assert usable_cores(proc, affinity=64) == 3
+    write(cpu, cpu__cfs_quota_us="-1", cpu__cfs_period_us="100000")  # no limit
+    assert usable_cores(proc, affinity=64) == 64
+
+
+def test_no_cgroup_information_leaves_the_affinity(tmp_path: Path) -> None:
+    assert cpu_quota(tmp_path / "missing") is None
+    proc = fake_proc(tmp_path, "0::/x\n", [])  # no cgroup mount listed
+    assert usable_cores(proc, affinity=4) == 4
+
+
+@pytest.mark.parametrize("value", [None, "auto", " AUTO ", ""])
+def test_the_setting_unset_or_auto_means_a_worker_per_usable_core(
+    monkeypatch: pytest.MonkeyPatch, value: str | None
+) -> None:
+    from app.settings import Settings
+
+    if value is None:
+        monkeypatch.delenv("COVIDCT_DECODE_WORKERS", raising=False)
+    else:
+        monkeypatch.setenv("COVIDCT_DECODE_WORKERS", value)
+    assert Settings(_env_file=None).decode_workers == default_decode_workers()
+
+
+def test_the_setting_overrides_the_default() -> None:
+    from pydantic import ValidationError
+
+    from app.settings import Settings
+
+    assert Settings(_env_file=None, decode_workers=0).decode_workers == 0
+    assert Settings(_env_file=None, decode_workers="96").decode_workers == 96
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, decode_workers=-1)

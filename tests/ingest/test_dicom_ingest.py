@@ -217,6 +217,16 @@ def test_importing_ingest_changes_nothing_until_configure_libraries() -> None:
     assert configured == [True, False]  # validation off, GDCM out
 
 
+def test_only_pylibjpeg_decodes_jpeg_ls() -> None:
+    """pyjpegls (installed with highdicom) would give every JPEG-LS stream pylibjpeg
+    refuses a second, never-fuzzed decoder: configure_libraries takes it out."""
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import JPEGLSLossless, JPEGLSNearLossless
+
+    for uid in (JPEGLSLossless, JPEGLSNearLossless):
+        assert get_decoder(uid).available_plugins == ("pylibjpeg",)
+
+
 def _gdcm_installed() -> bool:
     try:
         import gdcm  # noqa: F401

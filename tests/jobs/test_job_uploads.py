@@ -72,6 +72,18 @@ def test_submit_keeps_the_upload_until_the_job_ends(kit: Any, clock: Any) -> Non
     assert files(service) == []
 
 
+def test_a_job_named_in_advance_survives_a_write_cut_short(kit: Any, clock: Any) -> None:
+    # A study received over STOW-RS names its job before it is queued; a crash while its
+    # upload was being written leaves that job's part file, which the next try replaces.
+    service = service_for(kit, clock)
+    job_id = new_job_id()
+    (service.uploads.directory / f".{job_id}.part").write_bytes(b"half")
+    job = submit(service, b"whole upload", job_id=job_id)
+    assert job.id == job_id and service.store.peek(job_id) is not None
+    assert files(service) == [f"{job_id}.upload"]
+    assert service.uploads.path_of(job.upload_path).read_bytes() == b"whole upload"
+
+
 def test_refused_submissions_leave_nothing(kit: Any, clock: Any) -> None:
     service = service_for(kit, clock, upload_budget_bytes=100, max_queued_jobs=2)
     first = submit(service, b"a" * 60)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from covid_ct_md_layout import PADDED_TO, build_published_layout, link_folder, p002_labels
 
+from covid_ct_md_layout import PADDED_TO, build_published_layout, link_folder, p002_labels
 from models import covid_ct_md
 from models.data import DatasetError
 from shared_data import DATA, NORMAL002, P002, needs_data

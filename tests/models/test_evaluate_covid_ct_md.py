@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from covid_ct_md_layout import build_published_layout, p002_labels
-from reference import open_lung_mask, pairwise_auc, stored_values
 
 from app.settings import Settings
+from covid_ct_md_layout import build_published_layout, p002_labels
 from models import covid_ct_md
 from models.evaluate import evaluate
+from reference import open_lung_mask, pairwise_auc, stored_values
 from shared_data import NORMAL002, P002, needs_data
 
 pytestmark = needs_data  # every test here reads the shared series

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from reference import pairwise_auc
 
 from models.metrics import PaperMetrics, bootstrap_auc, roc_curve
+from reference import pairwise_auc
 
 
 def test_roc_counts_ties_as_half():

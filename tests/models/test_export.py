@@ -236,8 +236,10 @@ def _tiny(*, normalise: bool) -> keras.Model:
             lambda t: t / keras.ops.maximum(keras.ops.max(t, axis=(1, 2, 3), keepdims=True), 1.0)
         )(x)
     x = keras.layers.Conv2D(2, 16, strides=16, name="conv1_conv")(x)
+    x = keras.layers.ReLU(name="post_relu")(x)  # the layers the explain signature reads
     x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(slices, keras.layers.Dense(2, activation="softmax")(x))
+    head = keras.layers.Dense(2, activation="softmax", name="classification")
+    return keras.Model(slices, head(x))
 
 
 def _card(preprocessing: str) -> contract.ModelCard:
@@ -304,6 +306,16 @@ def test_cli_builds_the_untrained_default(
 def test_cli_skips_a_valid_export(exported: Exported, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build-default", "--out", str(exported.path)]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_cli_rebuilds_an_untrained_default_of_the_earlier_network(tmp_path: Path) -> None:
+    """A default built before the input went unscaled: its card states no preprocessing."""
+    out = _save_toy(tmp_path / "default", card=False)
+    old = untrained_card(seed=0, head_init_std=0.001).model_copy(update={"preprocessing": None})
+    contract.write_card(out, old)
+    assert main(["build-default", "--out", str(out)]) == 0
+    card = contract.read_card(out)
+    assert card.preprocessing == contract.PREPROCESSING_NONE and card.parameters == 34_058_656
 
 
 def test_cli_refuses_a_directory_without_card(tmp_path: Path) -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from keras2_h5 import HEADS, write_keras2_h5
 
 from app import contract
+from keras2_h5 import HEADS, write_keras2_h5
 from models.architecture import CLASSIFICATION_LAYER, PYRAMID_LEVELS, build_fpn_resnet50v2
 from models.import_weights import (
     H5Layer,

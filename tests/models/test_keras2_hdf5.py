@@ -8,8 +8,8 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from keras2_h5 import HEADS, write_keras2_h5
 
+from keras2_h5 import HEADS, write_keras2_h5
 from models.architecture import build_fpn_resnet50v2
 from models.keras2_hdf5 import (
     WeightImportError,

@@ -9,7 +9,7 @@ problem+json; a 5xx, an exception or an unhealthy service after the run fails it
 Prints counts by status and problem type, the slowest inputs and the time taken; exits 1
 on any failure. Inputs that failed are written to --failures DIR for replay.
 
-Usage: .venv/bin/python scripts/fuzz.py [--count 10000] [--seed 1] [--model-dir DIR]
+Usage: .venv/bin/python tests/tools/fuzz.py [--count 10000] [--seed 1] [--model-dir DIR]
        [--max-seconds S] [--failures DIR]
 """
 
@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from fastapi.testclient import TestClient  # noqa: E402

@@ -11,7 +11,7 @@ phases and the memory must not keep growing from one to the next: allocator pool
 a leak grows), /health 200, and its JSON log free of the patient data planted in member
 names, with one audit line per diagnosis.
 
-Usage: .venv/bin/python scripts/load_test.py [--model-dir DIR] [--seconds 120]
+Usage: .venv/bin/python tests/tools/load_test.py [--model-dir DIR] [--seconds 120]
        [--clients 16] [--max-queue-slices 8]
 Builds the default (untrained) SavedModel into --model-dir when it holds none.
 Exits 1 on any failure.
@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from hostile import corrupt_deflate, encrypted, zip_bomb  # noqa: E402
