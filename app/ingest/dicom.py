@@ -17,9 +17,16 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import Decoder, get_decoder
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from app import errors
 from app.ingest.frames import MAX_SIDE, Frame, Skip
@@ -41,6 +48,10 @@ def is_dicom_file(data: bytes) -> bool:
 
 def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list[Frame]:
     """One frame per DICOM frame; header facts only (raises Skip or a CovidCTError)."""
+    if is_dicom_file(data) and _stored_syntax(data) == DeflatedExplicitVRLittleEndian:
+        # pydicom inflates a deflated data set whole, with no bound: a few MB could expand
+        # to GBs before any limit is checked. CT is never sent this way in practice.
+        raise Skip("syntax", "deflated transfer syntax: its expansion cannot be bounded")
     ds = pydicom.dcmread(io.BytesIO(data)) if is_dicom_file(data) else _read_unmarked(data)
     if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
         # pydicom stops quietly at the end of a truncated file, dropping the element
@@ -90,6 +101,16 @@ def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list
             )
         )
     return frames
+
+
+def _stored_syntax(data: bytes) -> str | None:
+    """The file meta group's Transfer Syntax UID, read without touching the data set."""
+    fp = io.BytesIO(data)
+    try:
+        read_preamble(fp, False)
+        return str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) or None
+    except Exception:  # a broken meta group: dcmread then decides what the file is
+        return None
 
 
 def _read_unmarked(data: bytes) -> Dataset:

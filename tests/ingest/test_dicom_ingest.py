@@ -156,6 +156,34 @@ def test_8_bit_dicom_and_unsupported_syntax_are_415() -> None:
     assert info.value.status == 415
 
 
+def test_deflated_dicom_is_refused_before_it_is_inflated() -> None:
+    """pydicom inflates a deflated data set whole, with no bound: 64 MiB of zeros deflate
+    to ~64 KiB. Refused from the file meta alone (415), and skipped beside a good slice."""
+    import tracemalloc
+
+    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(np.zeros((16, 16), np.uint16))))
+    ds.PixelData = bytes(16 * 16 * 2)
+    ds.add_new(0x00091010, "OB", bytes(64 << 20))  # a private element that inflates
+    buf = io.BytesIO()
+    ds.save_as(buf, implicit_vr=False, little_endian=True, enforce_file_format=True)
+    plain = buf.getvalue()
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    deflated = file_bytes(ds)
+    assert len(deflated) < len(plain) // 100
+    tracemalloc.start()
+    try:
+        with pytest.raises(UnsupportedTransferSyntaxError, match="deflated") as info:
+            ingest([("x.dcm", deflated)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.status == 415
+    assert peak < 16 << 20  # never inflated (64 MiB)
+    good = synthetic_ct(np.zeros((512, 512), np.uint16), z=0)
+    study = ingest([("a.dcm", good), ("b.dcm", deflated)])
+    assert len(study.series[0].slices) == 1 and study.skipped[0].index == 2
+
+
 def test_corrupt_pixels_are_skipped() -> None:
     good = synthetic_ct(np.zeros((512, 512), np.uint16), z=0)
     truncated = synthetic_ct(np.zeros((512, 512), np.uint16), z=5)[:-1000]
