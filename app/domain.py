@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 Outcome = Literal["covid", "normal", "indeterminate"]
 
@@ -19,6 +20,12 @@ class SliceInfo:
     frame: int | None = None  # frame (DICOM) or page (TIFF) index in a multi-frame file
     position_mm: float | None = None  # ImagePositionPatient projected on the slice normal
     instance_number: int | None = None
+    # DICOM only, as stored (patient data: never logged, hence out of repr): what a DICOM
+    # result (app/reports) must reference. None for TIFF or where the header lacks them.
+    sop_class_uid: str | None = field(default=None, repr=False)
+    sop_instance_uid: str | None = field(default=None, repr=False)
+    series_instance_uid: str | None = field(default=None, repr=False)
+    study_instance_uid: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,9 @@ class Series:
     # A set-aside series never reaches the model and cannot decide the patient.
     set_aside: str | None = None
     geometry: Geometry | None = None  # DICOM only: TIFF has no geometry tags
+    # DICOM only: one source instance's header without pixel data (the patient and study
+    # modules of a DICOM result are copied from it). In memory only: never logged.
+    source_header: Dataset | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[0] != len(self.slices):

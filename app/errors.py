@@ -107,6 +107,14 @@ class JobRunningError(CovidCTError):
     status, type_, title = 409, "job-running", "The job is running and cannot be deleted"
 
 
+class JobNotDoneError(CovidCTError):
+    status, type_, title = 409, "job-not-done", "The job has not finished with a diagnosis"
+
+
+class NoDicomSourceError(CovidCTError):
+    status, type_, title = 422, "no-dicom-source", "The job has no DICOM results"
+
+
 class JobStoreUnavailableError(CovidCTError):
     status, type_, title = 503, "job-store-unavailable", "The job store cannot be reached"
 

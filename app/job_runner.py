@@ -32,6 +32,8 @@ from app.dicomweb import (
     StowRequest,
     StudyLimits,
 )
+from app.domain import PatientResult, Study
+from app.explain import Explanations, attach, explain_result
 from app.jobs import (
     CallbackRefused,
     CallbackSender,
@@ -50,6 +52,10 @@ from app.jobs.model import JSONObject, job_ref, valid_job_id
 from app.jobs.worker import internal_problem
 from app.logs import patient_hash
 from app.pipeline import diagnose_upload
+from app.reports.from_result import SliceOverlay
+from app.reports.job_results import make_job_results
+from app.reports.push import PushOutcome, push_results
+from app.reports.store import ResultFiles
 from app.runtime import Runtime
 from app.schemas import JobOut, diagnosis_out
 
@@ -104,6 +110,7 @@ class JobView:
 
     job: Job | None = None
     receiving: PendingStudy | None = None
+    dicom: JSONObject | None = None  # a done job's DICOM results manifest, when kept
 
     @property
     def ended(self) -> bool:
@@ -126,6 +133,7 @@ class JobView:
                 attempts=0,
                 diagnosis=None,
                 problem=None,
+                dicom=None,
             )
         job = self.job
         source = job.params.get("source", "upload")
@@ -144,6 +152,7 @@ class JobView:
                 "attempts": job.attempts,
                 "diagnosis": job.result if job.state is JobState.DONE else None,
                 "problem": problem,
+                "dicom": self.dicom if job.state is JobState.DONE else None,
             }
         )
 
@@ -157,6 +166,7 @@ class JobsRuntime:
         self.worker: JobWorker | None = None
         self.studies: PendingStudies | None = None
         self.receiver: StowReceiver | None = None
+        self.results: ResultFiles | None = None  # the DICOM results of finished jobs
         ingest = config.pipeline.ingest
         self.study_limits = StudyLimits(
             max_instances=ingest.max_members,
@@ -182,6 +192,8 @@ class JobsRuntime:
                 self.study_limits,
                 quiet_s=self.runtime.config.stow.quiet_s,
             )
+            self.results = ResultFiles(self.config.data_dir / "dicom-results")
+            self.service.forget_hooks.append(self.results.delete)
         except Exception as e:
             logger.error("job store could not be opened", extra={"error": type(e).__name__})
             return
@@ -239,6 +251,8 @@ class JobsRuntime:
         params = job.params
         path = self.service.uploads.path_of(job.upload_path)
         t0, outcome = time.perf_counter(), "failed"
+        explain = bool(params.get("explain"))
+        explanations: Explanations | None = None
         try:
             with path.open("rb") as upload:
                 study, result = await diagnose_upload(
@@ -248,6 +262,9 @@ class JobsRuntime:
                     threshold=params.get("threshold"),
                     decode_pool=self.runtime.decode_pool,
                 )
+            explainer = self.runtime.explainer if explain else None
+            if explainer is not None:  # before the document: it records the stage's time
+                explanations = await explain_result(explainer, result)
             out = diagnosis_out(
                 request_id=str(params.get("request_id") or job.id),
                 patient_id=str(params.get("patient_id", "")),
@@ -255,6 +272,8 @@ class JobsRuntime:
                 result=result,
                 card=engine.card,
             )
+            if explanations is not None:
+                attach(out, explanations)
             outcome = "done"
         except (errors.QueueFullError, errors.ShuttingDownError) as e:
             # The inference queue filled up meanwhile, or the engine stopped for a shutdown:
@@ -283,7 +302,56 @@ class JobsRuntime:
                 "skipped_members": len(out.skipped),
             },
         )
+        await self._keep_dicom_results(job, study, result, explain, explanations)
         return out.model_dump(mode="json")
+
+    async def _keep_dicom_results(
+        self,
+        job: Job,
+        study: Study,
+        result: PatientResult,
+        explain: bool,
+        explanations: Explanations | None,
+    ) -> None:
+        """Build the job's DICOM results (in a worker thread) and keep them with the job
+        (docs/dicom-results.md). A failure here is logged and leaves the diagnosis alone."""
+        engine, files = self.runtime.serving, self.results
+        if engine is None or files is None:
+            return
+        overlays = None
+        if explanations is not None:
+            overlays = [SliceOverlay(s.series, s.index, s.overlay_png) for s in explanations.slices]
+        card = engine.card
+        try:
+            made = await asyncio.to_thread(
+                make_job_results,
+                study,
+                result,
+                card,
+                job_id=job.id,
+                explain=explain,
+                overlays=overlays,
+            )
+            await asyncio.to_thread(files.write, job.id, made.parts, made.manifest)
+        except Exception as e:  # never quotes values: the type only
+            logger.error(
+                "dicom results not kept", extra={"job": job_ref(job.id), "error": type(e).__name__}
+            )
+            return
+        push = self.runtime.config.results_push
+        if push.enabled and made.parts:
+            if made.manifest.get("derived_uids"):
+                # stand-in UIDs name no study the PACS holds: pushed, they would make one
+                pushed = PushOutcome("skipped", 0, "the source had no valid DICOM UIDs")
+            else:
+                try:
+                    pushed = await asyncio.to_thread(push_results, made.parts, push)
+                except Exception as e:  # a bug or an unreadable part: the job still ends done
+                    pushed = PushOutcome("failed", 0, type(e).__name__)
+            await asyncio.to_thread(files.update_manifest, job.id, push=pushed.as_json())
+        logger.info(
+            "dicom results kept", extra={"job": job_ref(job.id), "objects": len(made.parts)}
+        )
 
     # --- the routes' side --------------------------------------------------------------
 
@@ -340,7 +408,33 @@ class JobsRuntime:
         if study is not None and secrets.compare_digest(study.owner, owner):
             return JobView(receiving=study)
         job = self._service().get(job_id, owner)
-        return JobView(job=job) if job is not None else None
+        if job is None:
+            return None
+        dicom = None
+        if job.state is JobState.DONE and self.results is not None:
+            dicom = self.results.manifest(job_id)
+        return JobView(job=job, dicom=dicom)
+
+    async def dicom_objects(self, job_id: str, owner: str) -> list[bytes]:
+        """A done job's DICOM results as Part 10 files (SR, key images, overlays).
+        Raises NotFoundError, JobNotDoneError or NoDicomSourceError."""
+        view = await self.view(job_id, owner)
+        if view is None:
+            raise errors.NotFoundError("no such job (or it has expired)")
+        if view.job is None or view.job.state is not JobState.DONE:
+            state = "receiving" if view.job is None else view.job.state.value
+            raise errors.JobNotDoneError(f"the job is {state}; DICOM results follow a diagnosis")
+        manifest, files = view.dicom, self.results
+        if manifest is None or files is None:
+            raise errors.NoDicomSourceError("no DICOM results were kept for this job")
+        if manifest.get("source") == "none":
+            raise errors.NoDicomSourceError(
+                "the upload held no DICOM series to report on (TIFF only, or a TIFF series "
+                "decided the diagnosis): DICOM results need a DICOM source"
+            )
+        if manifest.get("source") != "dicom":
+            raise errors.NoDicomSourceError(str(manifest.get("problem") or "no DICOM results"))
+        return await asyncio.to_thread(lambda: list(files.objects(job_id)))
 
     async def view(self, job_id: str, owner: str, *, wait_s: float = 0.0) -> JobView | None:
         """The job, or None (not found for this owner). `wait_s`: wait up to that long for
@@ -457,6 +551,9 @@ class JobsRuntime:
         if now - self._swept_at >= _SWEEP_EVERY_S:
             self._swept_at = now
             studies.sweep(keep_jobs_s=self.config.result_ttl_s)
+            if self.results is not None:
+                store = self._service().store
+                self.results.sweep(lambda job_id: store.peek(job_id) is not None)
 
     async def _flush_loop(self) -> None:
         """Pending studies become jobs once quiet: at start-up (those left by the last run)

@@ -7,9 +7,13 @@ With API keys on, a job belongs to the key that made it: another key gets 404.
 
 from __future__ import annotations
 
+import asyncio
+import io
+import secrets
+import zipfile
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
 
 from app.api import _PROBLEM_SCHEMA, RuntimeDep, _api_key_header
@@ -31,6 +35,7 @@ from app.schemas import JobListOut, JobOut
 
 router = APIRouter()
 
+DICOM_MULTIPART = 'multipart/related; type="application/dicom"'  # GET /jobs/{id}/dicom
 JOB_HEADER = "X-Covidct-Job"  # STOW-RS answers: the job id(s) the instances joined
 
 
@@ -106,6 +111,15 @@ async def submit_job(
             "(X-Covidct-Signature); its host must be on COVIDCT_JOBS_CALLBACK_ALLOWLIST",
         ),
     ] = None,
+    explain: Annotated[
+        bool,
+        Form(
+            description="true: the slices judged COVID get Grad-CAM overlays, as with POST "
+            "/patients/diagnose, and the DICOM results a Secondary Capture series of them; "
+            "without an explain signature the job's `dicom.overlays_note` says why there "
+            "are none"
+        ),
+    ] = False,
 ) -> JobOut:
     """Queue a diagnosis of the same form as POST /patients/diagnose: 202 and the job;
     its URL in `Location`."""
@@ -115,6 +129,7 @@ async def submit_job(
         "threshold": threshold,
         "request_id": request_id_var.get(),
         "source": "upload",
+        "explain": explain,
     }
     job = await jobs.submit(
         owner=owner, source=file.file, params=params, callback_url=callback_url, size_hint=file.size
@@ -195,6 +210,65 @@ async def delete_job(jobs: JobsDep, owner: OwnerDep, job_id: JobId) -> Response:
     if outcome is DeleteOutcome.NOT_FOUND:
         raise NotFoundError("no such job (or it has expired)")
     return Response(status_code=204)
+
+
+@router.get(
+    "/jobs/{job_id}/dicom",
+    response_class=Response,
+    openapi_extra=_KEY_OR_NONE,
+    responses={
+        200: {
+            "description": "the job's DICOM results as Part 10 files: the TID 1500 SR, the "
+            "key images (when a slice scored COVID-19) and the overlays (when explained), in "
+            "that order (docs/dicom-results.md)",
+            "content": {
+                DICOM_MULTIPART: {"schema": {"type": "string", "format": "binary"}},
+                "application/zip": {"schema": {"type": "string", "format": "binary"}},
+            },
+        },
+        **_problems(
+            _UNAUTHORIZED,
+            _NOT_FOUND,
+            (409, "job-not-done: the job is queued, running, receiving or failed"),
+            (422, "no-dicom-source: no DICOM source (TIFF only) or none usable; or invalid id"),
+            _UNAVAILABLE,
+        ),
+    },
+)
+async def job_dicom(
+    jobs: JobsDep,
+    owner: OwnerDep,
+    job_id: JobId,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The DICOM results of a done job: `multipart/related; type="application/dicom"`, or a
+    zip (`Accept: application/zip`) of `NNN.dcm` members in the same order."""
+    objects = await jobs.dicom_objects(job_id, owner)
+    if accept is not None and "application/zip" in accept.lower():
+        body = await asyncio.to_thread(dicom_zip, objects)
+        headers = {"Content-Disposition": 'attachment; filename="dicom-results.zip"'}
+        return Response(body, media_type="application/zip", headers=headers)
+    boundary = secrets.token_hex(16)
+    return Response(
+        multipart_body(objects, boundary),
+        headers={"Content-Type": f"{DICOM_MULTIPART}; boundary={boundary}"},
+    )
+
+
+def multipart_body(parts: list[bytes], boundary: str) -> bytes:
+    """A multipart/related body of application/dicom parts (PS3.18 8.6.1.2)."""
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+    body = b"".join(head + part + b"\r\n" for part in parts)
+    return body + f"--{boundary}--\r\n".encode()
+
+
+def dicom_zip(parts: list[bytes]) -> bytes:
+    """A zip of the Part 10 files, `000.dcm`, `001.dcm` … in order."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for i, part in enumerate(parts):
+            archive.writestr(f"{i:03d}.dcm", part)
+    return buffer.getvalue()
 
 
 # --- STOW-RS in -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 UNTRUSTED_LOGGERS = (
     "pydicom",
     "highdicom",  # builds DICOM results from source headers (app/reports)
+    "dicomweb_client",  # pushes them (app/reports/push.py); its debug lines quote headers
     "tifffile",
     "PIL",
     "imagecodecs",

@@ -29,6 +29,7 @@ from app.inference import InferenceEngine, ModelConfig, load_engine
 from app.ingest import DecodePool
 from app.jobs import JobsConfig
 from app.pipeline import PipelineConfig
+from app.reports.push import PushConfig
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ class ServiceConfig:
     stow: StowConfig = field(default_factory=StowConfig)  # POST /studies
     explain: ExplainConfig = field(default_factory=ExplainConfig)  # explain=true overlays
     audit_key: bytes | None = field(default=None, repr=False)  # HMAC key of patient pseudonyms
+    results_push: PushConfig = field(default_factory=PushConfig)  # DICOM results over STOW-RS
 
 
 class Runtime:

@@ -244,6 +244,36 @@ class ProblemOut(BaseModel):
     detail: str
 
 
+class DicomPushOut(BaseModel):
+    outcome: Literal["stored", "failed", "skipped"] = Field(
+        description="skipped: the source had no valid DICOM UIDs (the results refer to "
+        "stand-ins, which no PACS study holds)"
+    )
+    attempts: int
+    detail: str = Field("", description="failed: why (status code or error type, no values)")
+
+
+class DicomResultsOut(BaseModel):
+    """What a done job's DICOM results hold (docs/dicom-results.md); no patient data."""
+
+    source: Literal["dicom", "none", "unusable"] = Field(
+        description="dicom: made from the DICOM source; none: no DICOM source (TIFF); "
+        "unusable: the DICOM source could not make valid results (see problem)"
+    )
+    objects: int = Field(description="Part 10 objects GET /jobs/{id}/dicom returns")
+    structured_report: bool
+    key_images: bool = Field(description="false when no slice scored COVID-19")
+    overlays: int
+    overlays_note: str | None = Field(None, description="why there are no overlays")
+    derived_uids: list[str] = Field(
+        default_factory=list, description="source identifiers replaced by stand-ins"
+    )
+    problem: str | None = None
+    push: DicomPushOut | None = Field(
+        None, description="with COVIDCT_RESULTS_STOW_URL: the STOW-RS push's outcome"
+    )
+
+
 class JobOut(BaseModel):
     id: str = Field(description="192 random bits, URL-safe; the job's URL is /jobs/{id}")
     state: JobStateName
@@ -267,6 +297,9 @@ class JobOut(BaseModel):
     )
     problem: ProblemOut | None = Field(
         None, description="failed: why, as problem+json (the same types as the sync route)"
+    )
+    dicom: DicomResultsOut | None = Field(
+        None, description="done: its DICOM results (GET /jobs/{id}/dicom), when any were kept"
     )
 
 

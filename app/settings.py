@@ -21,6 +21,7 @@ from app.inference import BatchingConfig, Device, ModelConfig
 from app.ingest import IngestLimits, decode_workers_or_auto
 from app.jobs import JobsConfig
 from app.pipeline import PipelineConfig
+from app.reports.push import PushConfig
 from app.runtime import ServiceConfig
 from app.selection import SelectionRule
 
@@ -241,6 +242,31 @@ class Settings(BaseSettings):
         "arrived for this long (instances sent in several STOW-RS requests join it)",
     )
 
+    results_stow_url: str = Field(
+        default="",
+        max_length=2048,
+        description="DICOMweb STOW-RS base URL (e.g. http://pacs:8042/dicom-web) where a "
+        "finished DICOM job's results (SR, key images, overlays) are stored; empty: not "
+        "pushed (GET /jobs/{id}/dicom still answers them)",
+    )
+    results_stow_authorization: SecretStr = Field(
+        default=SecretStr(""),
+        description="value of the Authorization header of the results push (e.g. "
+        "'Bearer ...' or 'Basic ...'); empty: none",
+    )
+    results_stow_attempts: int = Field(
+        default=3, ge=1, le=10, description="results push: STOW-RS requests tried per job"
+    )
+    results_stow_backoff_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=300,
+        description="results push: wait before the second try, doubled after each",
+    )
+    results_stow_timeout_s: float = Field(
+        default=30.0, gt=0, le=600, description="results push: per STOW-RS request"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         for name in ("roi_rows", "roi_cols"):
@@ -249,6 +275,8 @@ class Settings(BaseSettings):
                 raise ValueError(f"{name} must satisfy 0 <= lo < hi <= 512. Received: {lo, hi}")
         if any(not key.get_secret_value().strip() for key in self.api_keys):
             raise ValueError("api_keys must not hold an empty key. Received: an empty string")
+        if self.results_stow_url and not self.results_stow_url.startswith(("http://", "https://")):
+            raise ValueError("results_stow_url must be an http(s) URL. Received: another scheme")
         if self.device not in {"auto", "cpu", "gpu"}:
             raise ValueError(f"device must be auto, cpu or gpu. Received: device={self.device}")
         self.jobs_config()  # its own checks: store URL scheme, allowlist needs a secret
@@ -325,6 +353,15 @@ class Settings(BaseSettings):
     def stow_config(self) -> StowConfig:
         return StowConfig(quiet_s=self.stow_quiet_s)
 
+    def results_push_config(self) -> PushConfig:
+        return PushConfig(
+            url=self.results_stow_url.rstrip("/"),
+            authorization=self.results_stow_authorization.get_secret_value(),
+            attempts=self.results_stow_attempts,
+            backoff_s=self.results_stow_backoff_s,
+            timeout_s=self.results_stow_timeout_s,
+        )
+
     def explain_config(self) -> ExplainConfig:
         return ExplainConfig(
             max_slices=self.explain_max_slices,
@@ -347,6 +384,7 @@ class Settings(BaseSettings):
             stow=self.stow_config(),
             explain=self.explain_config(),
             audit_key=key.get_secret_value().encode() if key is not None else None,
+            results_push=self.results_push_config(),
         )
 
 

@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import Decoder, get_decoder
+from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
     DeflatedExplicitVRLittleEndian,
@@ -39,6 +40,12 @@ OFFSET = 1024  # stored value = HU + OFFSET
 _MAX_SLOPE, _MAX_INTERCEPT = 1e3, 1e5  # CT uses slope ~1 and intercept ~−1024 or 0
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _ROUND_MM = 6  # geometry values are reported to the µm at most
+_IDENTIFIERS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+# Left out of the kept header: large and of no use to a result that copies patient and
+# study modules (an enhanced CT's per-frame groups hold one item per frame).
+_HEADER_LEFT_OUT = frozenset(
+    {Tag("PerFrameFunctionalGroupsSequence"), Tag("FloatPixelData"), Tag("DoubleFloatPixelData")}
+)
 
 
 def is_dicom_file(data: bytes) -> bool:
@@ -72,6 +79,8 @@ def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list
         "shape": (int(ds.Rows), int(ds.Columns)),
         "instance": _to_int(ds.get("InstanceNumber")),
         "by_folder": not uid,
+        "uids": tuple(str(ds.get(k) or "").strip() for k in _IDENTIFIERS),
+        "header": source_header(ds),
     }
     frames = []
     for i in range(n_frames):
@@ -101,6 +110,19 @@ def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list
             )
         )
     return frames
+
+
+def source_header(ds: Dataset) -> Dataset:
+    """The member's header without pixel data or per-frame groups (kept in memory for the
+    DICOM results' patient and study modules; never logged)."""
+    tags = list(ds.keys())  # iterating the dataset itself would convert every element
+    header = Dataset(
+        {t: ds.get_item(t) for t in tags if t.group != 0x7FE0 and t not in _HEADER_LEFT_OUT}
+    )
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None:
+        header.file_meta = meta
+    return header
 
 
 def _stored_syntax(data: bytes) -> str | None:

@@ -7,10 +7,11 @@ readers raise `Skip`, and what is skipped travels back as `Skipped` values.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from app.domain import SkippedMember
 from app.ingest.orientation import Orientation
@@ -63,6 +64,10 @@ class Frame:
     spacing: tuple[float, float] | None = None  # PixelSpacing (between rows, columns), stored
     thickness: float | None = None  # SliceThickness, mm
     tilt: float | None = None  # GantryDetectorTilt, degrees
+    # DICOM: SOP Class, SOP Instance, Series and Study Instance UIDs as stored ("" where
+    # absent) and the member's header without pixel data. Patient data: never logged.
+    uids: tuple[str, str, str, str] | None = field(default=None, repr=False)
+    header: Dataset | None = field(default=None, repr=False, compare=False)
 
     @property
     def display_shape(self) -> tuple[int, int]:

@@ -143,13 +143,29 @@ def decode_series(plan: SeriesPlan, pool: DecodePool | None) -> tuple[Series | N
         key=plan.key[2],
         pixels=stack,
         order=plan.order,
-        slices=tuple(SliceInfo(f.name, f.frame, f.position, f.instance) for f in kept),
+        slices=tuple(_slice_info(f) for f in kept),
         resampled_from=resampled_from,
         notes=tuple(notes),
         set_aside=plan.set_aside,
         geometry=geometry,
+        source_header=kept[0].header,
     )
     return series, skipped
+
+
+def _slice_info(frame: Frame) -> SliceInfo:
+    """The slice's facts; a DICOM slice's identifiers as stored (None where absent)."""
+    ids = [value or None for value in frame.uids] if frame.uids else [None] * 4
+    return SliceInfo(
+        frame.name,
+        frame.frame,
+        frame.position,
+        frame.instance,
+        sop_class_uid=ids[0],
+        sop_instance_uid=ids[1],
+        series_instance_uid=ids[2],
+        study_instance_uid=ids[3],
+    )
 
 
 def _decoded(frames: list[Frame], pool: DecodePool | None) -> Iterator[Any]:

@@ -8,6 +8,7 @@ and when a submission is refused. All methods block; async routes run them in a 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import BinaryIO
 
 from app.jobs.callbacks import check_callback_url
@@ -24,6 +25,9 @@ class JobService:
         self.store = store
         self.uploads = uploads
         self.config = config
+        # Called with a job's id when it is deleted or expires: what else is kept per job
+        # (e.g. its DICOM results, app/reports/store.py) goes with it.
+        self.forget_hooks: list[Callable[[str], object]] = []
 
     def check_room(self, size_hint: int | None = None) -> None:
         """Refuse early, before an upload is copied: `QueueFull` when the queue or the byte
@@ -76,6 +80,7 @@ class JobService:
         deleted = self.store.delete(job_id, owner)
         if deleted.outcome is DeleteOutcome.DELETED and deleted.job is not None:
             self.uploads.delete(deleted.job.upload_path)
+            self._forget(job_id)
             logger.info(
                 "job deleted", extra={"job": job_ref(job_id), "state": deleted.job.state.value}
             )
@@ -90,9 +95,17 @@ class JobService:
         expired = self.store.expire()
         for job in expired:
             self.uploads.delete(job.upload_path)
+            self._forget(job.id)
         if expired:
             logger.info("jobs expired", extra={"count": len(expired)})
         return expired
+
+    def _forget(self, job_id: str) -> None:
+        for hook in self.forget_hooks:
+            try:
+                hook(job_id)
+            except Exception:  # a hook's failure must not keep the job record alive
+                logger.exception("job clean-up hook failed", extra={"job": job_ref(job_id)})
 
     def sweep_uploads(self, older_than_s: float = 3600.0) -> int:
         """Delete upload files no pending job owns (left by a crash); see UploadArea.sweep."""
