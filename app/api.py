@@ -22,7 +22,7 @@ from app.inference import InferenceEngine
 from app.logs import patient_hash, request_id_var
 from app.pipeline import diagnose_upload
 from app.runtime import Runtime
-from app.schemas import DiagnosisOut, diagnosis_out, model_summary
+from app.schemas import DiagnosisOut, FormBool, diagnosis_out, model_summary
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -115,7 +115,7 @@ async def diagnose(
     threshold: Annotated[
         float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
     ] = None,
-    explain: Annotated[bool, Form(description=EXPLAIN_FIELD)] = False,
+    explain: Annotated[FormBool, Form(description=EXPLAIN_FIELD)] = False,
 ) -> DiagnosisOut:
     explainer = runtime.explainer if explain else None
     if explain and explainer is None:  # refused before any work

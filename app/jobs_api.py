@@ -31,7 +31,7 @@ from app.guard import API_KEY_HEADER, api_key_valid
 from app.job_runner import MAX_WAIT_S, JobsRuntime, JobView
 from app.jobs import DeleteOutcome, owner_for
 from app.logs import request_id_var
-from app.schemas import JobListOut, JobOut
+from app.schemas import FormBool, JobListOut, JobOut
 
 router = APIRouter()
 
@@ -112,7 +112,7 @@ async def submit_job(
         ),
     ] = None,
     explain: Annotated[
-        bool,
+        FormBool,
         Form(
             description="true: the slices judged COVID get Grad-CAM overlays, as with POST "
             "/patients/diagnose, and the DICOM results a Secondary Capture series of them; "

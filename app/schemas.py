@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from app.contract import ModelCard, short_form
 from app.domain import Outcome, PatientResult, SeriesResult, Study
@@ -21,6 +21,21 @@ UNTRAINED_WARNING = (
     "The served model has UNTRAINED (randomly initialised) weights: its probabilities and "
     "this diagnosis are meaningless. Do not use this result for any clinical purpose."
 )
+
+
+def _form_bool(value: object) -> object:
+    """A form field's boolean: `true` or `false` (any case), nothing else. pydantic's lax
+    mode would also take 0/1/yes/no/on/off, which the OpenAPI document (boolean) does not
+    announce: a client sending `explain=1` by mistake learns it, instead of a silent false."""
+    if isinstance(value, str):
+        if value.lower() in {"true", "false"}:
+            return value.lower() == "true"
+        raise ValueError("must be true or false")
+    return value
+
+
+# A boolean form field (multipart): `true` or `false`.
+FormBool = Annotated[bool, BeforeValidator(_form_bool)]
 
 
 class SliceOut(BaseModel):

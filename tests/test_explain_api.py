@@ -214,3 +214,16 @@ def test_a_model_without_explain_serves_but_refuses_to_explain(no_explain: TestC
     assert post(no_explain, dicom_zip()).status_code == 200
     body = assert_problem(post(no_explain, dicom_zip(), explain="true"), 422, "explain-unsupported")
     assert "explain" in body["detail"]
+
+
+@pytest.mark.parametrize("path", ["/patients/diagnose", "/jobs"])
+@pytest.mark.parametrize("value", ["1", "0", "yes", "on"])
+def test_explain_takes_true_or_false_only(client: TestClient, path: str, value: str) -> None:
+    """The OpenAPI document says boolean: 0/1/yes/on are refused, not read as a guess."""
+    r = client.post(
+        path,
+        data={"patient_id": "P", "explain": value},
+        files={"file": ("s.zip", zip_files([]), "application/zip")},
+    )
+    body = assert_problem(r, 422, "invalid-request")
+    assert "explain" in body["detail"]

@@ -12,7 +12,6 @@ affinity and its cgroup's CPU quota, not the host's core count), at most
 its caller has taken, in order: results reach the caller as soon as they are ready, a
 caller holds a handful of decoded slices beside its series, not a second copy of it, and
 concurrent requests take turns instead of queueing behind each other's whole series.
-Workers run at a lower priority (WORKER_NICE): on a CPU host the model comes first.
 
 A worker that dies (a decoder crashing on hostile data) breaks the whole pool: every
 request then waiting on it gets DecodePoolBroken, decodes its remaining frames in its own
@@ -21,7 +20,6 @@ thread instead, and the next call starts a fresh pool. No request fails for anot
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import multiprocessing
@@ -40,12 +38,6 @@ from app.ingest.libraries import configure_libraries
 logger = logging.getLogger(__name__)
 
 MAX_AUTO_WORKERS = 64  # the default pool's size never exceeds this (COVIDCT_DECODE_WORKERS may)
-# Workers run this much nicer than the service: where they share cores with a CPU model
-# (a CPU host), decoding takes the cores the model leaves idle instead of slowing the model
-# down, and the event loop stays responsive. Measured on 2 cores, 4 batches of 8 slices
-# with 266 slices decoding meanwhile: the model took 4.1 s alone, 5.5 s beside decoders of
-# the same priority, 4.2 s beside decoders at nice 19. On a GPU host the cores are free.
-WORKER_NICE = 10
 TASKS_AHEAD_PER_WORKER = 2  # tasks one call keeps submitted ahead of its caller, per worker
 _PROC_SELF = Path("/proc/self")
 
@@ -113,15 +105,13 @@ class DecodePoolBroken(RuntimeError):
 
 class DecodePool:
     """A lazily started, self-healing process pool for per-frame decode tasks.
-    `workers` None: `default_decode_workers()`; `nice`: added to each worker's niceness
-    (None: WORKER_NICE)."""
+    `workers` None: `default_decode_workers()`."""
 
-    def __init__(self, workers: int | None = None, *, nice: int | None = None) -> None:
+    def __init__(self, workers: int | None = None) -> None:
         workers = default_decode_workers() if workers is None else workers
         if workers < 1:
             raise ValueError(f"a decode pool needs at least one worker. Received: {workers}")
         self.workers = workers
-        self.nice = WORKER_NICE if nice is None else nice
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
 
@@ -172,8 +162,7 @@ class DecodePool:
                 self._executor = ProcessPoolExecutor(
                     self.workers,
                     mp_context=multiprocessing.get_context("spawn"),
-                    initializer=_start_worker,
-                    initargs=(self.nice,),
+                    initializer=configure_libraries,
                 )
             return self._executor
 
@@ -182,14 +171,6 @@ class DecodePool:
             if self._executor is executor:
                 self._executor = None
         executor.shutdown(wait=False, cancel_futures=True)
-
-
-def _start_worker(nice: int) -> None:
-    """A worker's start: its priority lowered by `nice`, then the libraries configured."""
-    if nice > 0:
-        with contextlib.suppress(OSError):
-            os.nice(nice)
-    configure_libraries()
 
 
 def _outcome(future: Future[Any]) -> Any | BaseException:

@@ -68,16 +68,6 @@ def test_workers_start_with_the_libraries_configured(pool: DecodePool) -> None:
         assert validation_off and "gdcm" not in plugins and "pylibjpeg" in plugins
 
 
-def niceness(_: int) -> int:
-    return os.getpriority(os.PRIO_PROCESS, 0)
-
-
-def test_workers_run_nicer_than_the_service(pool: DecodePool) -> None:
-    here = os.getpriority(os.PRIO_PROCESS, 0)
-    assert pool.nice == 10
-    assert set(pool.decode(niceness, [(0,), (1,), (2,), (3,)])) == {min(here + 10, 19)}
-
-
 def test_a_dead_worker_raises_and_the_next_call_gets_a_fresh_pool(pool: DecodePool) -> None:
     with pytest.raises(DecodePoolBroken):
         list(pool.decode(die, [(3,), (3,)]))
