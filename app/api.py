@@ -67,7 +67,7 @@ def require_api_key(
 
 _PROBLEM_SCHEMA = {
     "type": "object",
-    "description": "RFC 9457 problem details; `type` is stable per failure (see the README)",
+    "description": "RFC 9457 problem details; `type` is stable per failure (docs/api.md lists them)",
     "required": ["type", "title", "status", "detail", "request_id"],
     "properties": {
         "type": {"type": "string", "format": "uri"},
