@@ -10,19 +10,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from app.diagnose_document import diagnose_to_document, log_diagnosis_audit
 from app.errors import (
     ExplainUnsupportedError,
     NotReadyError,
     ShuttingDownError,
     UnauthorizedError,
 )
-from app.explain import EXPLAIN_FIELD, attach, explain_result
+from app.explain import EXPLAIN_FIELD
 from app.guard import API_KEY_HEADER, api_key_valid
 from app.inference import InferenceEngine
-from app.logs import patient_hash, request_id_var
-from app.pipeline import diagnose_upload
+from app.logs import request_id_var
 from app.runtime import Runtime
-from app.schemas import DiagnosisOut, FormBool, diagnosis_out, model_summary
+from app.schemas import DiagnosisOut, FormBool, model_summary
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -67,7 +67,9 @@ def require_api_key(
 
 _PROBLEM_SCHEMA = {
     "type": "object",
-    "description": "RFC 9457 problem details; `type` is stable per failure (docs/api.md lists them)",
+    "description": (
+        "RFC 9457 problem details; `type` is stable per failure (docs/api.md lists them)"
+    ),
     "required": ["type", "title", "status", "detail", "request_id"],
     "properties": {
         "type": {"type": "string", "format": "uri"},
@@ -101,6 +103,14 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
 }
 
 
+# The form fields POST /patients/diagnose and POST /jobs share (one definition, one check).
+UploadZip = Annotated[UploadFile, File(description="zip of DICOM and/or 16-bit TIFF slices")]
+PatientIdForm = Annotated[str, Form(min_length=1, max_length=128)]
+ThresholdForm = Annotated[
+    float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
+]
+
+
 @router.post(
     "/patients/diagnose",
     response_model=DiagnosisOut,
@@ -110,11 +120,9 @@ _PROBLEMS: dict[int | str, dict[str, object]] = {
 async def diagnose(
     runtime: RuntimeDep,
     engine: EngineDep,
-    file: Annotated[UploadFile, File(description="zip of DICOM and/or 16-bit TIFF slices")],
-    patient_id: Annotated[str, Form(min_length=1, max_length=128)],
-    threshold: Annotated[
-        float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
-    ] = None,
+    file: UploadZip,
+    patient_id: PatientIdForm,
+    threshold: ThresholdForm = None,
     explain: Annotated[FormBool, Form(description=EXPLAIN_FIELD)] = False,
 ) -> DiagnosisOut:
     explainer = runtime.explainer if explain else None
@@ -123,39 +131,17 @@ async def diagnose(
             "the served model has no usable 'explain' signature; export it again with "
             "python -m models to add one, or ask without explain"
         )
-    study, result = await diagnose_upload(
+    diagnosed = await diagnose_to_document(
         file.file,
+        runtime,
         engine,
-        runtime.config.pipeline,
         threshold=threshold,
-        decode_pool=runtime.decode_pool,
-    )
-    explanations = await explain_result(explainer, result) if explainer is not None else None
-    out = diagnosis_out(
+        explainer=explainer,
         request_id=request_id_var.get(),
         patient_id=patient_id,
-        study=study,
-        result=result,
-        card=engine.card,
     )
-    if explanations is not None:
-        attach(out, explanations)
-    logger.info(
-        "diagnosis",
-        extra={
-            "audit": True,
-            "patient": patient_hash(patient_id, runtime.config.audit_key),
-            "model_version": engine.card.version,
-            "weights_source": engine.card.weights_source,
-            "outcome": out.diagnosis,
-            "k": out.k,
-            "n": out.n,
-            "series": len(out.series),
-            "slices": sum(s.slices_total for s in out.series),
-            "skipped_members": len(out.skipped),
-        },
-    )
-    return out
+    log_diagnosis_audit(logger, diagnosed.out, runtime, engine)
+    return diagnosed.out
 
 
 @router.get(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from app import errors, metrics
+from app.diagnose_document import diagnose_to_document, log_diagnosis_audit
 from app.dicomweb import (
     InstanceOutcome,
     PendingStudies,
@@ -33,7 +34,7 @@ from app.dicomweb import (
     StudyLimits,
 )
 from app.domain import PatientResult, Study
-from app.explain import Explanations, attach, explain_result
+from app.explain import Explanations
 from app.jobs import (
     CallbackRefused,
     CallbackSender,
@@ -50,14 +51,12 @@ from app.jobs import (
 )
 from app.jobs.model import JSONObject, job_ref, valid_job_id
 from app.jobs.worker import internal_problem
-from app.logs import patient_hash
-from app.pipeline import diagnose_upload
 from app.reports.from_result import SliceOverlay
 from app.reports.job_results import make_job_results
 from app.reports.push import PushOutcome, push_results
 from app.reports.store import ResultFiles
 from app.runtime import Runtime
-from app.schemas import JobOut, diagnosis_out
+from app.schemas import JobOut
 
 logger = logging.getLogger(__name__)
 
@@ -255,25 +254,17 @@ class JobsRuntime:
         explanations: Explanations | None = None
         try:
             with path.open("rb") as upload:
-                study, result = await diagnose_upload(
+                diagnosed = await diagnose_to_document(
                     upload,
+                    self.runtime,
                     engine,
-                    self.runtime.config.pipeline,
                     threshold=params.get("threshold"),
-                    decode_pool=self.runtime.decode_pool,
+                    explainer=self.runtime.explainer if explain else None,
+                    request_id=str(params.get("request_id") or job.id),
+                    patient_id=str(params.get("patient_id", "")),
                 )
-            explainer = self.runtime.explainer if explain else None
-            if explainer is not None:  # before the document: it records the stage's time
-                explanations = await explain_result(explainer, result)
-            out = diagnosis_out(
-                request_id=str(params.get("request_id") or job.id),
-                patient_id=str(params.get("patient_id", "")),
-                study=study,
-                result=result,
-                card=engine.card,
-            )
-            if explanations is not None:
-                attach(out, explanations)
+            study, result, out = diagnosed.study, diagnosed.result, diagnosed.out
+            explanations = diagnosed.explanations
             outcome = "done"
         except (errors.QueueFullError, errors.ShuttingDownError) as e:
             # The inference queue filled up meanwhile, or the engine stopped for a shutdown:
@@ -286,22 +277,7 @@ class JobsRuntime:
             raise
         finally:
             metrics.JOB_RUN_TIME.labels(outcome).observe(time.perf_counter() - t0)
-        logger.info(
-            "diagnosis",
-            extra={
-                "audit": True,
-                "job": job_ref(job.id),
-                "patient": patient_hash(out.patient_id, self.runtime.config.audit_key),
-                "model_version": engine.card.version,
-                "weights_source": engine.card.weights_source,
-                "outcome": out.diagnosis,
-                "k": out.k,
-                "n": out.n,
-                "series": len(out.series),
-                "slices": sum(s.slices_total for s in out.series),
-                "skipped_members": len(out.skipped),
-            },
-        )
+        log_diagnosis_audit(logger, out, self.runtime, engine, job=job_ref(job.id))
         await self._keep_dicom_results(job, study, result, explain, explanations)
         return out.model_dump(mode="json")
 

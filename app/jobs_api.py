@@ -13,10 +13,17 @@ import secrets
 import zipfile
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Header, Path, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, Form, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from app.api import _PROBLEM_SCHEMA, RuntimeDep, _api_key_header
+from app.api import (
+    _PROBLEM_SCHEMA,
+    PatientIdForm,
+    RuntimeDep,
+    ThresholdForm,
+    UploadZip,
+    _api_key_header,
+)
 from app.dicomweb import (
     DICOM_JSON,
     StowRequest,
@@ -98,11 +105,9 @@ async def submit_job(
     jobs: JobsDep,
     owner: OwnerDep,
     response: Response,
-    file: Annotated[UploadFile, File(description="zip of DICOM and/or 16-bit TIFF slices")],
-    patient_id: Annotated[str, Form(min_length=1, max_length=128)],
-    threshold: Annotated[
-        float | None, Form(ge=0, le=1, description="patient threshold t; default 0.1")
-    ] = None,
+    file: UploadZip,
+    patient_id: PatientIdForm,
+    threshold: ThresholdForm = None,
     callback_url: Annotated[
         str | None,
         Form(

@@ -14,9 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from processes import free_port, stop, wait_ready
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DEADLINE_S = 60.0  # bound of every wait on the server; never reached when all is well
@@ -60,13 +59,6 @@ def orthanc_install() -> OrthancInstall:
             pytest.fail(f"{message}: CI must install them")
         pytest.skip(f"{message}; these tests run in CI")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -147,28 +139,25 @@ def start_orthanc(
         _wait_ready(server)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, timeout_s=DEADLINE_S)
 
 
 def _wait_ready(server: Orthanc) -> None:
-    deadline = time.monotonic() + DEADLINE_S
     with server.client(timeout_s=2) as c:
-        while True:
-            try:
-                if c.get("/system").status_code == 200:
-                    plugins = c.get("/plugins").json()
-                    assert "dicom-web" in plugins, f"DICOMweb plugin not loaded: {plugins}"
-                    return
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-            try:
-                server.process.wait(timeout=0.05)  # the pause between polls; notices an exit
-            except subprocess.TimeoutExpired:
-                continue
-            pytest.fail(f"Orthanc exited with {server.process.returncode}: {server.tail()}")
+
+        def ready() -> bool:
+            if c.get("/system").status_code != 200:
+                return False
+            plugins = c.get("/plugins").json()
+            assert "dicom-web" in plugins, f"DICOMweb plugin not loaded: {plugins}"
+            return True
+
+        wait_ready(
+            server.process,
+            ready,
+            transient=httpx.TransportError,
+            deadline_s=DEADLINE_S,
+            poll_s=0.05,
+            what="Orthanc",
+            tail=server.tail,
+        )

@@ -20,9 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 import tifffile
+from dark_lung import DARK_CUTOFF, DarkLungModel
 from fastapi.testclient import TestClient
 
-from app.contract import ModelCard, read_card
+from app.contract import read_card
 from app.inference import InferenceEngine, ModelConfig
 from app.main import create_app
 from shared_data import NORMAL002, P002, VARIANTS, needs_data, zip_dirs, zip_files
@@ -201,20 +202,6 @@ def test_variants_domain_multiframe_and_localizer(client: TestClient) -> None:
 
 
 # --- the patient rule, with a stand-in model whose scores are known ------------------------
-
-DARK_CUTOFF = 18_000  # P002's fullest lung slices are above it, all of normal002's below
-
-
-class DarkLungModel:
-    """Stands in for the SavedModel: 0.9 for a slice with more than DARK_CUTOFF dark pixels
-    (< 300) in the paper's ROI, else 0.1, so a test knows each slice's score in advance."""
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        dark = (batch[:, 240:340, 120:370, 0] < 300).sum(axis=(1, 2))
-        return np.where(dark > DARK_CUTOFF, 0.9, 0.1).astype(np.float32)
 
 
 def expected_k(stack: np.ndarray) -> tuple[int, int]:

@@ -5,81 +5,42 @@ from __future__ import annotations
 
 import email.parser
 import io
-import time
 import zipfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from dark_lung import DarkLungSeries, dark_lung_client
 from fastapi.testclient import TestClient
 from pydicom.sr.coding import Code
 
-from app.contract import ModelCard
 from app.explain_queue import ExplainConfig
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
-from dicom_factory import PHI_NAME, synthetic_ct, tiff_bytes
-from models.export import untrained_card
+from dicom_factory import PHI_NAME, tiff_bytes
 from shared_data import zip_files
-from support import make_settings
 
 KEY = "dicom-results-key"
 STUDY_UID = "1.2.826.0.1.3680043.8.498.91"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.92"
+SOP_ROOT = "1.2.826.0.1.3680043.8.498.93"
 COVID = Code("840539006", "SCT", "COVID-19")
 DARK = {1, 2, 3}  # instance numbers whose ROI is lung-dark: the stand-in scores them 0.9
 
 
-class DarkLungModel:
-    """0.9 for a slice whose paper ROI is mostly dark (< 300 stored), else 0.1."""
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        dark = (batch[:, 240:340, 120:370, 0] < 300).sum(axis=(1, 2))
-        return np.where(dark > 18_000, 0.9, 0.1).astype(np.float32)
-
-
-def sop_uid(number: int) -> str:
-    return f"1.2.826.0.1.3680043.8.498.93.{number}"
-
-
-def ct_slice(number: int) -> bytes:
-    values = np.full((512, 512), 1024 + 40, np.uint16)  # soft tissue
-    values[200:380, 100:400] = 100 if number in DARK else 1024 - 500  # air, or faint lung
-    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(values, z=-float(number), instance=number)))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid(number)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+SERIES = DarkLungSeries(STUDY_UID, SERIES_UID, SOP_ROOT, frozenset(DARK))
+sop_uid, ct_slice = SERIES.sop_uid, SERIES.ct_slice
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    card = untrained_card(seed=0, head_init_std=0.02)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(DarkLungModel(card), config.batching)
-
     data_dir = tmp_path_factory.mktemp("jobs")
-    settings = make_settings(
-        Path("unused-model-dir"),
-        decode_workers=0,
+    with dark_lung_client(
         jobs_data_dir=data_dir,
         api_keys=[KEY],
         jobs_poll_interval_s=0.05,
-    )
-    with TestClient(create_app(settings, loader=loader)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, c.get("/health").json()
-            time.sleep(0.02)  # polling interval, bounded by the deadline
+    ) as c:
         c.headers["X-API-Key"] = KEY
         c.data_dir = data_dir  # type: ignore[attr-defined]
         yield c

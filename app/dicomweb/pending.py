@@ -42,6 +42,7 @@ from typing import Any, BinaryIO
 from app.dicomweb.instances import CheckedInstance, InstanceRefused
 from app.dicomweb.multipart import part_file
 from app.dicomweb.response import FailureReason
+from app.durable import fsync_dir, fsync_file
 from app.jobs.model import job_ref, new_job_id, valid_job_id
 
 logger = logging.getLogger(__name__)
@@ -223,9 +224,9 @@ class PendingStudies:
                     instance.sop_class_uid,
                     instance.sop_instance_uid,
                 )
-            _fsync_file(path)
+            fsync_file(path)
             os.replace(path, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             self._write_meta(
                 dataclasses.replace(
                     study,
@@ -369,25 +370,4 @@ def _write_atomic(path: Path, value: object) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)

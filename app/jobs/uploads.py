@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from app.durable import fsync_dir
 from app.jobs.model import job_ref, valid_job_id
 
 logger = logging.getLogger(__name__)
@@ -117,13 +118,4 @@ class UploadArea:
 
     def _sync_directory(self) -> None:
         """Make the rename durable (the directory entry), where the platform allows it."""
-        try:
-            fd = os.open(self.directory, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_dir(self.directory)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,16 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from processes import free_port, stop, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 600.0  # start-up (TensorFlow, the model, its warm-up) on a busy 2-core CPU
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
@@ -44,24 +36,16 @@ class Service:
 
 
 def _wait_ready(service: Service) -> None:
-    import time
-
-    deadline = time.monotonic() + DEADLINE_S
     with httpx.Client(base_url=service.url, timeout=5) as c:
-        while time.monotonic() < deadline:
-            try:
-                if c.get("/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            try:
-                service.process.wait(timeout=0.25)  # the pause between polls; notices an exit
-            except subprocess.TimeoutExpired:
-                continue
-            raise AssertionError(
-                f"the service exited ({service.process.returncode}): {service.tail()}"
-            )
-    raise AssertionError(f"the service was not ready after {DEADLINE_S} s: {service.tail()}")
+        wait_ready(
+            service.process,
+            lambda: c.get("/health").status_code == 200,
+            transient=httpx.TransportError,
+            deadline_s=DEADLINE_S,
+            poll_s=0.25,
+            what="the service",
+            tail=service.tail,
+        )
 
 
 @contextmanager
@@ -96,10 +80,4 @@ def run_service(
         _wait_ready(service)
         yield service
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop(process, timeout_s=120)

@@ -12,11 +12,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from dark_lung import DarkLungModel
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
-from app.contract import ModelCard
 from app.inference import InferenceEngine, ModelConfig
 from app.main import create_app
 from dicom_factory import synthetic_ct
@@ -106,20 +106,6 @@ def zip_of(files: Iterable[Path]) -> bytes:
 
 
 # --- the app with a stand-in model ---------------------------------------------------------
-
-DARK_CUTOFF = 18_000  # dark ROI pixels above which the stand-in calls a slice COVID
-
-
-class DarkLungModel:
-    """Stands in for the SavedModel: 0.9 for a slice with more than DARK_CUTOFF dark pixels
-    (< 300) in the paper's ROI, else 0.1, so a test knows each score in advance."""
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        dark = (batch[:, 240:340, 120:370, 0] < 300).sum(axis=(1, 2))
-        return np.where(dark > DARK_CUTOFF, 0.9, 0.1).astype(np.float32)
 
 
 def fast_app(data_dir: Path, **overrides: object) -> FastAPI:

@@ -7,7 +7,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import free_port, stop, wait_ready
 
 from app.jobs import JobsConfig, JobStore
 from app.jobs.redis_store import RedisJobStore
@@ -45,13 +45,6 @@ class FakeClock:
             self.now += seconds
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server on a free loopback port, no persistence, stopped at the end."""
@@ -64,7 +57,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import redis
 
     workdir = tmp_path_factory.mktemp("redis")
-    port = _free_port()
+    port = free_port()
     config = workdir / "redis.conf"
     config.write_text(
         f'bind 127.0.0.1\nport {port}\ndir {workdir}\nsave ""\nappendonly no\n'
@@ -73,30 +66,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    deadline = time.monotonic() + DEADLINE_S
+    log = workdir / "redis.log"
     try:
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-            try:
-                server.wait(timeout=0.05)  # the pause between polls; notices an early exit
-            except subprocess.TimeoutExpired:
-                continue
-            log = (workdir / "redis.log").read_text(errors="replace")
-            pytest.fail(f"redis-server exited with {server.returncode}: {log[-2000:]}")
+        wait_ready(
+            server,
+            lambda: bool(client.ping()),
+            transient=redis.exceptions.ConnectionError,
+            deadline_s=DEADLINE_S,
+            poll_s=0.05,
+            what="redis-server",
+            tail=lambda: log.read_text(errors="replace")[-2000:],
+        )
         client.close()
         yield url
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop(server, timeout_s=DEADLINE_S)
 
 
 def jobs_config(data_dir: Path, **overrides: Any) -> JobsConfig:

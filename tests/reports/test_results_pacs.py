@@ -7,34 +7,28 @@ from __future__ import annotations
 
 import email.parser
 import io
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import highdicom as hd
-import numpy as np
 import pydicom
 import pytest
+from dark_lung import DarkLungSeries, dark_lung_client
 from dicomweb_client.api import DICOMwebClient
 from fastapi.testclient import TestClient
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
-from app.contract import ModelCard
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
 from app.reports import part10_bytes
 from app.reports.push import PushConfig, push_results
 from dicom3tools import assert_valid
-from dicom_factory import synthetic_ct
-from models.export import untrained_card
 from orthanc_server import Orthanc, free_port, orthanc_install, start_orthanc  # noqa: F401 (a fixture)
 from shared_data import P002, needs_data, zip_files
-from support import make_settings
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.101"
 SERIES_UID = "1.2.826.0.1.3680043.8.498.102"
+SOP_ROOT = "1.2.826.0.1.3680043.8.498.103"
 COVID = Code("840539006", "SCT", "COVID-19")
 PRESENT = Code("52101004", "SCT", "Present")
 DARK = {2, 3, 5}  # instance numbers the stand-in model scores 0.9 (the others 0.1)
@@ -42,30 +36,8 @@ SLICES = range(1, 9)
 KINDS = {"SR": "Comprehensive3DSR", "KO": "KeyObjectSelectionDocument"}  # dciodvfy's names
 
 
-class DarkLungModel:
-    """0.9 for a slice whose paper ROI is mostly dark (< 300 stored), else 0.1."""
-
-    def __init__(self, card: ModelCard) -> None:
-        self.card = card
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        dark = (batch[:, 240:340, 120:370, 0] < 300).sum(axis=(1, 2))
-        return np.where(dark > 18_000, 0.9, 0.1).astype(np.float32)
-
-
-def sop_uid(number: int) -> str:
-    return f"1.2.826.0.1.3680043.8.498.103.{number}"
-
-
-def ct_slice(number: int) -> bytes:
-    values = np.full((512, 512), 1024 + 40, np.uint16)  # soft tissue
-    values[200:380, 100:400] = 100 if number in DARK else 1024 - 500  # air, or faint lung
-    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(values, z=-float(number), instance=number)))
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = STUDY_UID, SERIES_UID
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = sop_uid(number)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True)
-    return out.getvalue()
+SERIES = DarkLungSeries(STUDY_UID, SERIES_UID, SOP_ROOT, frozenset(DARK))
+sop_uid, ct_slice = SERIES.sop_uid, SERIES.ct_slice
 
 
 @pytest.fixture(scope="module")
@@ -79,39 +51,18 @@ def pacs(
 
 @pytest.fixture(scope="module")
 def client(pacs: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
-    card = untrained_card(seed=0, head_init_std=0.02)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(DarkLungModel(card), config.batching)
-
-    settings = make_settings(
-        Path("unused-model-dir"),
-        decode_workers=0,
+    with dark_lung_client(
         jobs_data_dir=tmp_path_factory.mktemp("jobs"),
         jobs_poll_interval_s=0.05,
         results_stow_url=f"{pacs.url}/dicom-web",
         results_stow_backoff_s=0.1,
-    )
-    with TestClient(create_app(settings, loader=loader)) as c:
-        deadline = time.monotonic() + 60
-        while c.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, c.get("/health").json()
-            time.sleep(0.02)  # polling interval, bounded by the deadline
+    ) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def job(client: TestClient) -> dict[str, Any]:
-    files = [(f"s/{i}.dcm", ct_slice(i)) for i in SLICES]
-    r = client.post(
-        "/jobs",
-        files={"file": ("study.zip", zip_files(files), "application/zip")},
-        data={"patient_id": "p"},
-    )
-    assert r.status_code == 202, r.text
-    body: dict[str, Any] = client.get(f"/jobs/{r.json()['id']}", params={"wait": 60}).json()
-    assert body["state"] == "done", body
-    return body
+    return run_job(client, [(f"s/{i}.dcm", ct_slice(i)) for i in SLICES])
 
 
 def route_objects(client: TestClient, job_id: str) -> list[pydicom.Dataset]:
