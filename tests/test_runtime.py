@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from processes import free_port
 
 from app.errors import ShuttingDownError
 from app.inference import BatchingConfig, InferenceEngine, ModelConfig
@@ -224,12 +225,6 @@ class Server:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def poll(condition: Any, what: str, timeout_s: float, server: Server) -> Any:
