@@ -186,6 +186,13 @@ class InferenceEngine:
     def queued_slices(self) -> int:
         return self._queued
 
+    @property
+    def uses_host_cpu(self) -> bool:
+        """Whether the model computes on this host's CPU cores (its predictor's device is a
+        CPU, or unknown), where decoding competes with it for the same cores."""
+        device = getattr(self.predictor, "device", None)
+        return device is None or "CPU" in str(device).upper()
+
     def start(self) -> None:
         self._thread.start()
 

@@ -3,12 +3,14 @@
 The route only calls `diagnose_upload`; the benchmark calls it in process too. Each stage
 gets its own config (`PipelineConfig`), built once at start-up (app/settings.py).
 
-A study's series overlap: `diagnose_upload` first reads every header and checks every
-limit (`open_study`: a study that will be refused is refused before anything reaches the
-model), then decodes one series at a time, and hands each series to the model as soon as
-it is decoded and selected, while the next one decodes. The model reads the selected
-slices straight from the series (`InferenceEngine.submit` takes indices): no series is
-copied between ingest and the model.
+`diagnose_upload` first reads every header and checks every limit (`open_study`: a study
+that will be refused is refused before anything reaches the model), then decodes one
+series at a time. Where the model runs on an accelerator, each series goes to the model as
+soon as it is decoded and selected, while the next one decodes. Where it runs on this
+host's CPU, the whole study is decoded first: decoding and the model would share the same
+cores, so overlapping them hides nothing, and measured slower (docs/benchmarks.md). The
+model reads the selected slices straight from the series (`InferenceEngine.submit` takes
+indices): no series is copied between ingest and the model.
 """
 
 from __future__ import annotations
@@ -83,26 +85,36 @@ async def diagnose_upload(
     *,
     threshold: float | None = None,
     decode_pool: DecodePool | None = None,
+    overlap: bool | None = None,
 ) -> tuple[Study, PatientResult]:
     """The whole pipeline for one uploaded zip; `threshold` None: the patient rule's.
 
     Ingest runs in worker threads, its pixel decoding in `decode_pool`'s processes when
-    there is one. Each series goes to the model once decoded and selected, while the next
-    decodes. Timings: `ingest` and `select` add up the time those stages worked on this
-    request; `infer` runs from the first series handed to the model to the last score, so
-    with several series it overlaps the later series' ingest."""
+    there is one. With `overlap` (None: when the model does not compute on this host's
+    CPU), each series goes to the model once decoded and selected, while the next decodes;
+    without, once the whole study is decoded. Timings: `ingest` and `select` add up the
+    time those stages worked on this request; `infer` runs from the first series handed to
+    the model to the last score, so with overlap it covers the later series' ingest."""
     t = config.patient.threshold if threshold is None else threshold
+    overlap = not engine.uses_host_cpu if overlap is None else overlap
     t0 = time.perf_counter()
     ingest = await run_in_threadpool(open_study, archive, config.ingest, decode_pool)
     worked = {"ingest": time.perf_counter() - t0, "select": 0.0}
     series = ingest.series()
     scoring: list[_Scoring] = []
+    waiting: list[tuple[Series, Selection]] = []  # without overlap: until all are decoded
     infer_t0 = None
     try:
         while item := await run_in_threadpool(_next_selected, series, config.selection, worked):
-            infer_t0 = infer_t0 or time.perf_counter()
-            scoring.append(_submit(engine, *item))
+            waiting.append(item)
+            if overlap:
+                infer_t0 = infer_t0 or time.perf_counter()
+                scoring.append(_submit(engine, *waiting.pop()))
         study = ingest.study()  # raises when no series could be built (nothing was scored)
+        if waiting:
+            infer_t0 = time.perf_counter()
+        for item in waiting:  # one by one: a refusal cancels those already queued
+            scoring.append(_submit(engine, *item))
         await asyncio.gather(*(s.probabilities for s in scoring))
     finally:
         _cancel(scoring)  # a failure (or a client gone) drops what is still queued

@@ -5,7 +5,13 @@ One run, on the real P002 series (133 DICOM slices, JPEG Lossless):
       each file, count dark pixels with a Python loop over the ROI's pixels, Keras
       `model.predict` one slice at a time on the Keras network as models/ builds it;
   (b) the service's pipeline in process (ingest → select → batched SavedModel → diagnose);
-  (c) the service over HTTP (uvicorn on 127.0.0.1) with 1, 2, 4 and 8 concurrent clients.
+  (c) the service over HTTP (uvicorn on 127.0.0.1) with 1, 2, 4 and 8 concurrent clients;
+  (d) decode throughput of P002's frames in this thread and with 1…N decode workers (N: the
+      cores this process may use);
+  (e) a three-series study (P002 under three SeriesInstanceUIDs) through the sequential
+      path and the overlapped one, with this CPU's model and with a stand-in model stage
+      that holds no CPU (as a GPU's).
+With --gpu-check it prints only what scripts/gpu_check.sh reports on a GPU host.
 It prints slices/s, per-stage medians, ratios, the server's peak RSS (with its decode
 workers), the model stage's GFLOP/s against an fp32 matrix-multiply peak measured in the
 same run, and (with --bf16) the reduced-precision speed-up and its largest probability
@@ -305,6 +311,7 @@ class DeviceStandIn:
     def __init__(self, ms_per_slice: float) -> None:
         self.seconds = ms_per_slice / 1000
         self.card = None
+        self.device = "stand-in accelerator"  # not this host's CPU: the service overlaps
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         time.sleep(self.seconds * len(batch))
@@ -318,9 +325,10 @@ def overlap_in_process(
     device_ms_per_slice: float | None = None,
     **overrides,
 ) -> dict:
-    """The three-series study through today's sequential path (the whole study ingested,
-    then every series to the model) and the overlapped one (`diagnose_upload`: a series to
-    the model as soon as it is decoded), alternating, on the real model or a stand-in."""
+    """The three-series study through the sequential path (the whole study ingested, then
+    every series to the model) and the overlapped one (`diagnose_upload` with overlap: a
+    series to the model as soon as it is decoded), alternating, on the real model or a
+    stand-in. The service overlaps where the model is not on this host's CPU."""
     from starlette.concurrency import run_in_threadpool
 
     from app.inference import BatchingConfig, InferenceEngine, load_engine
@@ -336,6 +344,7 @@ def overlap_in_process(
         batching = BatchingConfig(max_batch_size=settings.max_batch_size)
         engine = InferenceEngine(DeviceStandIn(device_ms_per_slice), batching)
     engine.start()
+    auto = "overlapped" if not engine.uses_host_cpu else "sequential"  # the service's choice
     pool = DecodePool(settings.decode_workers) if settings.decode_workers else None
     if pool is not None:
         pool.start()
@@ -351,7 +360,9 @@ def overlap_in_process(
 
     async def overlapped() -> None:
         t0 = time.perf_counter()
-        _, result = await diagnose_upload(archive, engine, config, threshold=0.1, decode_pool=pool)
+        _, result = await diagnose_upload(
+            archive, engine, config, threshold=0.1, decode_pool=pool, overlap=True
+        )
         record("overlapped", t0, result.timings_ms, result)
 
     def record(path: str, t0: float, timings: dict, result) -> None:
@@ -375,7 +386,7 @@ def overlap_in_process(
     }
     a, b = probs["sequential"], probs["overlapped"]
     delta = max(float(np.nanmax(np.abs(x - y))) for x, y in zip(a, b, strict=True))
-    return {**med, "headers": headers, "max_delta_p": delta, "probs": b}
+    return {**med, "headers": headers, "max_delta_p": delta, "probs": b, "auto": auto}
 
 
 def report_overlap(label: str, o: dict) -> None:
@@ -387,7 +398,8 @@ def report_overlap(label: str, o: dict) -> None:
     hidden = seq["total"] - ovl["total"]
     log(f"  {label}: sequential {seq['total']:.2f} s (ingest {seq['ingest']:.2f} s, of which "
         f"headers {o['headers']:.2f} s; infer {seq['infer']:.2f} s), overlapped "
-        f"{ovl['total']:.2f} s → {seq['total'] / ovl['total']:.3f}×")  # fmt: skip
+        f"{ovl['total']:.2f} s → {seq['total'] / ovl['total']:.3f}×; the service runs it "
+        f"{o['auto']}")  # fmt: skip
     log(f"    hidden {hidden:.2f} s of the {hideable:.2f} s it could hide (decode of series 2 "
         f"and 3: {decode_later:.2f} s; model time of series 1 and 2: {seq['infer'] * 2 / 3:.2f} s)"
         f" = {100 * hidden / hideable:.0f} %; max |Δp| overlapped vs sequential "
@@ -556,8 +568,10 @@ def main() -> None:
         "--skip-overlap", action="store_true", help="skip (d) decode throughput and (e) overlap"
     )
     parser.add_argument(
-        "--device-ms-per-slice", type=float, default=10.0,
-        help="(e): the stand-in model stage's time per slice (a GPU's, holding no CPU)",
+        "--device-ms-per-slice", default="10,30",
+        help="(e): the stand-in model stage's times per slice (a GPU's, holding no CPU): "
+        "one shorter than decoding a series (its model time is hidden), one longer (its "
+        "decode time is)",
     )  # fmt: skip
     parser.add_argument(
         "--gpu-check", action="store_true",
@@ -663,9 +677,9 @@ def main() -> None:
         same = pipe["probs"][~np.isnan(pipe["probs"])]
         worst = max(float(np.abs(p[~np.isnan(p)] - same).max()) for p in real["probs"])
         log(f"    every series scores as P002 alone in (b): max |Δp| = {worst:.1e}")
-        ms = args.device_ms_per_slice
-        stand_in = overlap_in_process(args.model_dir, three, args.repeats, ms, **batch)
-        report_overlap(f"a model stage holding no CPU ({ms:g} ms a slice)", stand_in)
+        for ms in [float(v) for v in args.device_ms_per_slice.split(",")]:
+            stand_in = overlap_in_process(args.model_dir, three, args.repeats, ms, **batch)
+            report_overlap(f"a model stage holding no CPU ({ms:g} ms a slice)", stand_in)
 
     log("\n(c) the service over HTTP …")
     proc = serve(args.model_dir, args.port, {"COVIDCT_MAX_BATCH_SIZE": str(args.max_batch_size)})

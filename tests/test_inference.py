@@ -305,3 +305,16 @@ def test_every_batch_is_written_into_one_reused_float32_buffer(slices: np.ndarra
     np.testing.assert_allclose(np.concatenate([a, b]), fake_model(slices.astype(np.float32)))
     assert [s[2] for s in seen] == [(2, 512, 512, 1)] * 3
     assert {s[:2] for s in seen} == {(seen[0][0], "float32")}  # one buffer, every call
+
+
+@pytest.mark.parametrize(
+    ("device", "on_cpu"),
+    [("/CPU:0", True), ("/GPU:0", False), ("/job:localhost/device:GPU:1", False), (None, True)],
+)
+def test_the_engine_says_whether_the_model_shares_this_hosts_cpu(
+    device: str | None, on_cpu: bool
+) -> None:
+    predictor = RecordingPredictor(fake_model)
+    if device is not None:
+        predictor.device = device
+    assert InferenceEngine(predictor).uses_host_cpu is on_cpu

@@ -1,5 +1,6 @@
-"""The pipeline (app/pipeline.py): a study's series go to the model one by one while the next
-decodes, with the answers of each series scored on its own; a study that will be refused
+"""The pipeline (app/pipeline.py): with the model on an accelerator, a study's series go to
+the model one by one while the next decodes; on a CPU, once the whole study is decoded;
+either way with the answers of each series scored on its own. A study that will be refused
 reaches neither the decoder nor the model; no series is copied on its way to the model."""
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ def fake_model(batch: np.ndarray) -> np.ndarray:
 
 
 class Recorder:
-    """A predictor that records each model call's slice means, and signals the first."""
+    """A predictor that records each model call's slice means, and signals the first;
+    `device` as a SavedModelPredictor's ('/CPU:0', '/GPU:0')."""
 
-    def __init__(self, inner: Any = fake_model) -> None:
+    def __init__(self, inner: Any = fake_model, device: str = "/CPU:0") -> None:
         self.inner = inner
+        self.device = device
         self.called = threading.Event()
         self.calls: list[np.ndarray] = []
 
@@ -74,12 +77,16 @@ def three_series_zip() -> bytes:
     )
 
 
-def test_a_multi_series_study_scores_as_each_series_alone(test_model_dir: Path) -> None:
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "sequential"])
+def test_a_multi_series_study_scores_as_each_series_alone(
+    test_model_dir: Path, overlap: bool
+) -> None:
     predictor = SavedModelPredictor(test_model_dir)
     engine = InferenceEngine(predictor, BatchingConfig(max_batch_size=4, max_queue_delay_ms=0))
-    study, result = run(
-        diagnose_upload(three_series_zip(), engine, PipelineConfig(), threshold=0.1), engine
+    upload = diagnose_upload(
+        three_series_zip(), engine, PipelineConfig(), threshold=0.1, overlap=overlap
     )
+    study, result = run(upload, engine)
     assert [s.index for s in study.series] == [1, 2, 3]
     for stack, series_result in zip(STACKS, result.series, strict=True):
         np.testing.assert_array_equal(series_result.series.pixels, stack)
@@ -93,10 +100,10 @@ def test_a_multi_series_study_scores_as_each_series_alone(test_model_dir: Path) 
         np.testing.assert_allclose(got[mask], alone, atol=BATCH_ATOL)
 
 
-def test_a_series_reaches_the_model_while_the_next_one_decodes(
+def test_on_an_accelerator_a_series_reaches_the_model_while_the_next_one_decodes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    recorder = Recorder()
+    recorder = Recorder(device="/GPU:0")
     engine = InferenceEngine(recorder, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
     real = app.ingest.study.decode_series
     model_busy_before: list[bool] = []
@@ -118,6 +125,25 @@ def test_a_series_reaches_the_model_while_the_next_one_decodes(
         _, mask = paper_rule(stack)
         expected = stack[mask].mean(axis=(1, 2)) / 4096
         np.testing.assert_allclose(series_result.covid_probability[mask], expected, rtol=1e-5)
+
+
+def test_on_a_cpu_the_whole_study_is_decoded_before_the_model_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    recorder = Recorder(device="/CPU:0")
+    engine = InferenceEngine(recorder, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
+    real = app.ingest.study.decode_series
+    model_busy_before: list[bool] = []
+
+    def decode_series(plan: Any, pool: Any) -> Any:
+        model_busy_before.append(recorder.called.is_set())
+        return real(plan, pool)
+
+    monkeypatch.setattr(app.ingest.study, "decode_series", decode_series)
+    assert engine.uses_host_cpu
+    _, result = run(diagnose_upload(three_series_zip(), engine, PipelineConfig()), engine)
+    assert model_busy_before == [False, False, False] and recorder.called.is_set()
+    assert [s.series.index for s in result.series] == [1, 2, 3]
 
 
 def mixed_display_sizes() -> list[tuple[str, bytes]]:
@@ -159,7 +185,8 @@ def test_a_study_that_will_be_refused_reaches_neither_decoder_nor_model(
     assert decoded == [] and recorder.calls == []
 
 
-def test_a_later_series_refused_by_the_queue_withdraws_the_earlier_ones() -> None:
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "sequential"])
+def test_a_later_series_refused_by_the_queue_withdraws_the_earlier_ones(overlap: bool) -> None:
     gate = threading.Event()
 
     def gated(batch: np.ndarray) -> np.ndarray:
@@ -175,7 +202,7 @@ def test_a_later_series_refused_by_the_queue_withdraws_the_earlier_ones() -> Non
 
     async def go() -> None:
         with pytest.raises(QueueFullError):
-            await diagnose_upload(three_series_zip(), engine, PipelineConfig())
+            await diagnose_upload(three_series_zip(), engine, PipelineConfig(), overlap=overlap)
         gate.set()
         assert len(await engine.predict(STACKS[2][:1])) == 1  # after what was withdrawn
         assert engine.queued_slices == 0
