@@ -68,7 +68,8 @@ class Runtime:
         # The model's explain queue (app/explain.py), started with the engine; None: the
         # served model has no explain signature.
         self.explainer: ExplainQueue | None = None
-        # Started on the first upload; shared by all requests.
+        # Its workers start with the model (before ready), so that the first upload does
+        # not pay their start; shared by all requests.
         workers = config.decode_workers
         self.decode_pool = DecodePool(workers) if workers else None
         self.door = Door()  # diagnose requests in progress (app/guard.py counts them)
@@ -104,10 +105,24 @@ class Runtime:
             return
         engine.start()
         self.explainer = start_explain_queue(engine, self.config.explain)
+        await self._start_decode_pool()
         self.serving = engine
         self._set("ready", "model loaded and warm")
         metrics.MODEL_READY.set(1)
         logger.info("ready", extra={"weights_source": card.weights_source})
+
+    async def _start_decode_pool(self) -> None:
+        """Start the decode workers now; where they cannot start, requests decode in their
+        own threads (slower, still right), so readiness does not wait on them."""
+        if self.decode_pool is None:
+            return
+        try:
+            await asyncio.to_thread(self.decode_pool.start)
+        except Exception as exc:
+            logger.warning(
+                "decode workers did not start: uploads decode in the request's thread",
+                extra={"error": type(exc).__name__},
+            )
 
     def begin_drain(self) -> None:
         """Readiness 503 and the door closed, at once."""

@@ -49,14 +49,12 @@ import tempfile
 import threading
 import time
 import uuid
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only
-DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-STUDY = DATA / "covid-ct-md" / "P002"
+import loopback
+from loopback import HOST, ROOT
+
 # Two small studies cut from P002 (133 slices), through open lung so that the open-lung
 # rule keeps slices and every request reaches the model. Clients send both, so an answer
 # given for the other study (a mix-up) shows as a wrong answer.
@@ -74,21 +72,6 @@ HEALTH_FALL = 2
 # --- processes -------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def ensure_model(model_dir: Path, head_init_std: float) -> None:
-    if (model_dir / "saved_model.pb").exists():
-        return
-    print(f"building the seeded model at {model_dir} (about a minute) ...", flush=True)
-    cmd = [sys.executable, "-m", "models", "build-default", "--out", str(model_dir),
-           "--seed", "0", "--head-init-std", str(head_init_std)]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True)
-
-
 @dataclass
 class Replica:
     name: str
@@ -101,65 +84,23 @@ class Replica:
 def start_replica(
     name: str, model_dir: Path, log: Path, max_batch: int, jobs_env: dict[str, str]
 ) -> Replica:
-    port = free_port()
-    env = {
-        **os.environ,
+    port = loopback.free_port()
+    settings = {
         **jobs_env,
-        "COVIDCT_MODEL_DIR": str(model_dir),
-        "COVIDCT_DEVICE": "cpu",
         "COVIDCT_MAX_BATCH_SIZE": str(max_batch),
         "COVIDCT_DECODE_WORKERS": "0",  # one process per replica: SIGKILL takes it all
         "COVIDCT_ALLOW_UNTRAINED": "true",
         "COVIDCT_API_KEYS": "[]",
         "COVIDCT_LOG_LEVEL": "WARNING",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
-           "--host", HOST, "--port", str(port), "--no-access-log"]  # fmt: skip
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    process = loopback.start_service(port, model_dir, settings, log, "--no-access-log")
     return Replica(name, port, process, time.monotonic())
 
 
-def wait_ready(replica: Replica, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if replica.process.poll() is not None:
-            raise RuntimeError(f"replica {replica.name} exited with {replica.process.returncode}")
-        with contextlib.suppress(OSError, http.client.HTTPException):
-            conn = http.client.HTTPConnection(HOST, replica.port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                replica.ready_s = time.monotonic() - replica.started
-                return
-        time.sleep(0.5)  # polling a process we do not control; no event to wait on
-    raise TimeoutError(f"replica {replica.name} not ready after {timeout_s:.0f} s")
-
-
-def start_redis(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
-    redis = shutil.which("redis-server")
-    if redis is None:
-        raise SystemExit("--jobs needs redis-server: apt-get install -y redis-server")
-    port = free_port()
-    workdir = tmp / "redis"
-    workdir.mkdir()
-    config = workdir / "redis.conf"
-    config.write_text(f'bind {HOST}\nport {port}\ndir {workdir}\nsave ""\nappendonly no\n')
-    with (tmp / "redis.log").open("wb") as out:
-        process = subprocess.Popen(
-            [redis, str(config)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    deadline = time.monotonic() + 30
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1) as c:
-            c.sendall(b"PING\r\n")
-            if c.recv(16).startswith(b"+PONG"):
-                return process, f"redis://{HOST}:{port}/0"
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("redis-server did not start")
-        time.sleep(0.1)  # polling a process we do not control
+def wait_ready(replica: Replica, log: Path, timeout_s: float) -> None:
+    what = f"replica {replica.name}"
+    loopback.wait_healthy(replica.process, replica.port, log, timeout_s=timeout_s, what=what)
+    replica.ready_s = time.monotonic() - replica.started
 
 
 def haproxy_config(port: int, socket_path: Path, replicas: list[Replica]) -> str:
@@ -205,19 +146,6 @@ def start_haproxy(config: Path, log: Path) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def end(process: subprocess.Popen[bytes]) -> None:
-    """End a process this script started, and its session, by id."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
 
 
 # --- HAProxy's stats socket ------------------------------------------------------------------
@@ -269,32 +197,6 @@ class DownWatch:
 # --- the study and its answers ---------------------------------------------------------------
 
 
-def study_zip(slices: tuple[str, ...]) -> bytes:
-    missing = [s for s in slices if not (STUDY / s).is_file()]
-    if missing:
-        raise SystemExit(f"the P002 slices are not at {STUDY} (set COVIDCT_SHARED_DATA)")
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for name in slices:
-            zf.writestr(f"study/{name}", (STUDY / name).read_bytes())
-    return buf.getvalue()
-
-
-def multipart(fields: dict[str, str], file: bytes) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = [
-        f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-        for k, v in fields.items()
-    ]
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-        f'filename="study.zip"\r\nContent-Type: application/zip\r\n\r\n'.encode()
-        + file
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
-
-
 @dataclass
 class Answer:
     status: int | None
@@ -309,30 +211,23 @@ class Answer:
 def post(
     port: int, archive: bytes, patient_id: str, timeout_s: float, path: str = "/patients/diagnose"
 ) -> Answer:
-    body, content_type = multipart({"patient_id": patient_id}, archive)
-    return request(port, "POST", path, timeout_s, body, {"Content-Type": content_type})
+    form = loopback.multipart({"patient_id": patient_id}, archive)
+    return request(port, "POST", path, timeout_s, form)
 
 
 def request(
-    port: int,
-    method: str,
-    path: str,
-    timeout_s: float,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
+    port: int, method: str, path: str, timeout_s: float, form: loopback.Form | None = None
 ) -> Answer:
     answer = Answer(status=None, sent_at=time.monotonic())
     try:
-        conn = http.client.HTTPConnection(HOST, port, timeout=timeout_s)
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        answer.status = response.status
-        answer.content_type = response.getheader("Content-Type", "")
-        answer.served_by = response.getheader("X-Served-By", "")
-        answer.body = response.read()
-        conn.close()
+        reply = loopback.exchange(port, method, path, timeout_s=timeout_s, form=form)
     except (OSError, http.client.HTTPException) as e:
         answer.error = type(e).__name__
+    else:
+        answer.status = reply.status
+        answer.content_type = reply.headers.get("Content-Type", "")
+        answer.served_by = reply.headers.get("X-Served-By", "")
+        answer.body = reply.body
     answer.done_at = time.monotonic()
     return answer
 
@@ -552,8 +447,8 @@ def main() -> int:
     if not 0 < args.kill_after < args.seconds:
         parser.error("--kill-after must fall inside the load (0 < kill-after < seconds)")
 
-    archives = {name: study_zip(slices) for name, slices in STUDIES.items()}
-    ensure_model(args.model_dir, args.head_init_std)
+    archives = {name: loopback.p002_zip(slices) for name, slices in STUDIES.items()}
+    loopback.ensure_model(args.model_dir, seed=0, head_init_std=args.head_init_std)
     started: list[subprocess.Popen[bytes]] = []
     with tempfile.TemporaryDirectory(prefix="covidct-failover-") as tmp_name:
         tmp = Path(tmp_name)
@@ -561,7 +456,7 @@ def main() -> int:
             return run(args, archives, tmp, started)
         finally:
             for process in reversed(started):
-                end(process)
+                loopback.end(process)
 
 
 def run(
@@ -572,7 +467,7 @@ def run(
 ) -> int:
     shared_jobs: dict[str, str] = {}
     if args.jobs:
-        redis, redis_url = start_redis(tmp)
+        redis, redis_url = loopback.start_redis(tmp / "redis", appendonly=False)
         started.append(redis)
         shared_jobs = {
             "COVIDCT_JOBS_STORE_URL": redis_url,
@@ -587,11 +482,7 @@ def run(
         started.append(replica.process)
         replicas.append(replica)
     for replica in replicas:
-        try:
-            wait_ready(replica, args.ready_timeout)
-        except (RuntimeError, TimeoutError):
-            print((tmp / f"{replica.name}.log").read_text(errors="replace")[-3000:])
-            raise
+        wait_ready(replica, tmp / f"{replica.name}.log", args.ready_timeout)
     print("replicas ready: " + ", ".join(f"{r.name} {r.ready_s:.1f} s" for r in replicas))
 
     studies = {name: (archive, references(archive, replicas, args)) for name, archive in
@@ -604,7 +495,7 @@ def run(
             "both replicas agree"
         )
 
-    proxy_port = free_port()
+    proxy_port = loopback.free_port()
     socket_path = tmp / "haproxy.sock"
     config = tmp / "haproxy.cfg"
     config.write_text(haproxy_config(proxy_port, socket_path, replicas))

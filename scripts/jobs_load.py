@@ -36,57 +36,29 @@ import argparse
 import collections
 import contextlib
 import http.client
-import io
 import json
 import os
-import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only
-DATA = Path(os.environ.get("COVIDCT_SHARED_DATA", ROOT.parent / "shared" / "data"))
-STUDY = DATA / "covid-ct-md" / "P002"
+import loopback
+from loopback import HOST, ROOT
+
 SLICES = ("IM0060.dcm", "IM0062.dcm", "IM0064.dcm", "IM0066.dcm")  # through open lung
 API_KEY = "jobs-load-key"
 SECRET = "jobs-load-callback-secret"
 LEASE_S = 10  # a crashed worker's job runs again this long after the crash (default 60)
 POLL_WAIT_S = 20  # each GET /jobs/{id}?wait=
 DEADLINE_S = 1800.0  # the whole run per store
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-def ensure_model(model_dir: Path) -> None:
-    if (model_dir / "saved_model.pb").exists():
-        return
-    print(f"building the seeded model at {model_dir} (about a minute) ...", flush=True)
-    cmd = [sys.executable, "-m", "models", "build-default", "--out", str(model_dir),
-           "--seed", "0", "--head-init-std", "0.02"]  # fmt: skip
-    subprocess.run(cmd, cwd=ROOT, check=True)
-
-
-def study_zip() -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name in SLICES:
-            zf.write(STUDY / name, f"P002/{name}")
-    return buf.getvalue()
 
 
 # --- processes -----------------------------------------------------------------------------
@@ -96,7 +68,8 @@ def study_zip() -> bytes:
 class Server:
     """The service process; started again on the same settings after a SIGKILL."""
 
-    env: dict[str, str]
+    model_dir: Path
+    settings: dict[str, str]
     log: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
@@ -105,27 +78,12 @@ class Server:
     def start(self) -> float:
         """Start it and wait until /health is 200; the seconds that took."""
         t0 = time.monotonic()
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
-               "--host", HOST, "--port", str(self.port), "--no-access-log"]  # fmt: skip
-        with self.log.open("ab") as out:
-            self.process = subprocess.Popen(
-                cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
+        self.process = loopback.start_service(
+            self.port, self.model_dir, self.settings, self.log, "--no-access-log"
+        )
         self.starts += 1
-        deadline = t0 + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the service exited ({self.process.returncode}); see {self.log}"
-                )
-            with contextlib.suppress(OSError, http.client.HTTPException):
-                conn = http.client.HTTPConnection(HOST, self.port, timeout=5)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    return time.monotonic() - t0
-            time.sleep(0.25)  # polling a process this script does not control
-        raise TimeoutError("the service was not ready after 600 s")
+        loopback.wait_healthy(self.process, self.port, self.log, timeout_s=600, poll_s=0.25)
+        return time.monotonic() - t0
 
     def kill(self) -> None:
         assert self.process is not None
@@ -133,44 +91,8 @@ class Server:
         self.process.wait()
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)  # a graceful drain
-            try:
-                self.process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-
-
-@contextlib.contextmanager
-def redis_server(workdir: Path) -> Any:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server not found (Debian: apt-get install -y redis-server)")
-    port = free_port()
-    (workdir / "redis.conf").write_text(
-        f'bind {HOST}\nport {port}\ndir {workdir}\nsave ""\nappendonly yes\n'
-        f"appendfsync everysec\ndaemonize no\nlogfile {workdir / 'redis.log'}\n"
-    )
-    process = subprocess.Popen([binary, str(workdir / "redis.conf")], stdout=subprocess.DEVNULL)
-    try:
-        import redis
-
-        client = redis.Redis(host=HOST, port=port, socket_connect_timeout=1)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)  # polling a process this script does not control
-        client.close()
-        yield f"redis://{HOST}:{port}/0"
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+        if self.process is not None:
+            loopback.end(self.process, timeout_s=120)  # SIGTERM: a graceful drain
 
 
 # --- the callback receiver -------------------------------------------------------------------
@@ -226,40 +148,14 @@ class Tally:
             return sum(j["state"] == "done" for j in self.final.values())
 
 
-Answer = tuple[int, dict[str, str], bytes]
+Answer = tuple[int, http.client.HTTPMessage, bytes]
 
 
-def _request(
-    port: int,
-    method: str,
-    path: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-) -> Answer:
-    timeout = POLL_WAIT_S + 60
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers={"X-API-Key": API_KEY, **(headers or {})})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
-
-
-def _form(patient_id: str, archive: bytes, callback_url: str) -> tuple[bytes, str]:
-    boundary = "jobsload" + os.urandom(8).hex()
-    parts = []
-    for name, value in (("patient_id", patient_id), ("callback_url", callback_url)):
-        disposition = f'Content-Disposition: form-data; name="{name}"'
-        parts.append(f"--{boundary}\r\n{disposition}\r\n\r\n{value}\r\n".encode())
-    parts.append(
-        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.zip"\r\n'
-        f"Content-Type: application/zip\r\n\r\n".encode()
-        + archive
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+def _request(port: int, method: str, path: str, form: loopback.Form | None = None) -> Answer:
+    timeout_s = POLL_WAIT_S + 60
+    headers = {"X-API-Key": API_KEY}
+    reply = loopback.exchange(port, method, path, timeout_s=timeout_s, form=form, headers=headers)
+    return reply.status, reply.headers, reply.body
 
 
 def client(
@@ -267,13 +163,12 @@ def client(
 ) -> None:
     for i in range(jobs):
         patient_id = f"load-{n:02d}-{i:03d}"
-        body, content_type = _form(patient_id, archive, callback_url)
+        fields = {"patient_id": patient_id, "callback_url": callback_url}
+        form = loopback.multipart(fields, archive)
         job_id = None
         while job_id is None and time.monotonic() < deadline:
             try:
-                status, headers, answer = _request(
-                    port, "POST", "/jobs", body, {"Content-Type": content_type}
-                )
+                status, headers, answer = _request(port, "POST", "/jobs", form)
             except ConnectionRefusedError:
                 time.sleep(0.5)  # the service is down: try again shortly
                 continue
@@ -349,15 +244,15 @@ def run(store: str, args: argparse.Namespace, model_dir: Path, archive: bytes) -
         contextlib.ExitStack() as stack,
     ):
         workdir = Path(tmp)
-        store_url = stack.enter_context(redis_server(workdir)) if store == "redis" else ""
+        store_url = ""
+        if store == "redis":
+            redis_process, store_url = loopback.start_redis(workdir, appendonly=True)
+            stack.callback(loopback.end, redis_process)
         callbacks = Callbacks()
         receiver = callback_receiver(callbacks)
         stack.callback(receiver.shutdown)
         data_dir = workdir / "jobs"
-        env = {
-            **os.environ,
-            "COVIDCT_MODEL_DIR": str(model_dir),
-            "COVIDCT_DEVICE": "cpu",
+        settings = {
             "COVIDCT_MAX_BATCH_SIZE": "4",
             "COVIDCT_DECODE_WORKERS": "0",
             "COVIDCT_ALLOW_UNTRAINED": "true",
@@ -370,9 +265,8 @@ def run(store: str, args: argparse.Namespace, model_dir: Path, archive: bytes) -
             "COVIDCT_JOBS_CALLBACK_SECRET": SECRET,
             "COVIDCT_JOBS_CALLBACK_BACKOFF_S": "0.2",
             "COVIDCT_LOG_LEVEL": "INFO",
-            "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        server = Server(env, workdir / "service.log", free_port())
+        server = Server(model_dir, settings, workdir / "service.log", loopback.free_port())
         stack.callback(server.stop)
         ready_s = server.start()
         print(f"service ready in {ready_s:.0f} s", flush=True)
@@ -457,10 +351,8 @@ def main() -> int:
     parser.add_argument("--kill-after-done", type=int, default=60)
     parser.add_argument("--model-dir", type=Path, default=ROOT / "var" / "models" / "jobs-load")
     args = parser.parse_args()
-    if not STUDY.is_dir():
-        raise SystemExit(f"real CT fixtures not found at {DATA} (set COVIDCT_SHARED_DATA)")
-    ensure_model(args.model_dir)
-    archive = study_zip()
+    archive = loopback.p002_zip(SLICES)
+    loopback.ensure_model(args.model_dir, seed=0, head_init_std=0.02)
     stores = ["sqlite", "redis"] if args.store == "both" else [args.store]
     ok = [run(store, args, args.model_dir, archive) for store in stores]
     return 0 if all(ok) else 1

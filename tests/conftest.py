@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,14 +29,31 @@ os.environ[FROZEN_WEIGHTS_ENV] = "0"
 configure_libraries()
 
 
+def shared_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A temporary folder of this whole run: under pytest-xdist, the one its workers share
+    (each worker's own base folder lies in it); without it, the session's."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def test_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded SavedModel, built once per run: the first worker to ask builds it under a
+    lock, the others wait for it and read the same files (nothing writes into it later)."""
     from models.architecture import build_fpn_resnet50v2
     from models.export import export_saved_model, untrained_card
 
-    out = tmp_path_factory.mktemp("models") / "seeded"
-    model = build_fpn_resnet50v2(head_init_std=WIDE_HEAD_STD, seed=TEST_SEED)
-    export_saved_model(model, out, untrained_card(seed=TEST_SEED, head_init_std=WIDE_HEAD_STD))
+    root = shared_tmp(tmp_path_factory)
+    out = root / "seeded-model"
+    with open(root / "seeded-model.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (out / "saved_model.pb").exists():
+            building = root / f"seeded-model.{os.getpid()}"
+            shutil.rmtree(building, ignore_errors=True)
+            model = build_fpn_resnet50v2(head_init_std=WIDE_HEAD_STD, seed=TEST_SEED)
+            card = untrained_card(seed=TEST_SEED, head_init_std=WIDE_HEAD_STD)
+            export_saved_model(model, building, card)
+            building.rename(out)
     return out
 
 

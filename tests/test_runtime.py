@@ -59,7 +59,8 @@ def runtime_with(card: Any, loader_gate: threading.Event | None = None, **config
         return InferenceEngine(Model(card), model.batching)
 
     model = ModelConfig(Path("unused"), batching=BatchingConfig(warmup_sizes=(1,)))
-    return Runtime(ServiceConfig(model=model, decode_workers=0, **config), loader)
+    config.setdefault("decode_workers", 0)
+    return Runtime(ServiceConfig(model=model, **config), loader)
 
 
 def test_load_then_drain_with_nothing_in_flight(card: Any) -> None:
@@ -74,6 +75,15 @@ def test_load_then_drain_with_nothing_in_flight(card: Any) -> None:
     asyncio.run(go())
     runtime.stop()
     assert runtime.state == "stopped"
+
+
+def test_decode_workers_start_with_the_model_and_stop_with_the_service(card: Any) -> None:
+    runtime = runtime_with(card, decode_workers=1)
+    assert runtime.decode_pool is not None and not runtime.decode_pool.started
+    asyncio.run(runtime.load())
+    assert (runtime.state, runtime.decode_pool.started) == ("ready", True)  # before any upload
+    runtime.stop()
+    assert not runtime.decode_pool.started
 
 
 def test_drain_waits_for_the_requests_in_flight(card: Any) -> None:

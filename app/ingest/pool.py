@@ -145,10 +145,16 @@ class DecodePool:
             for future in pending:
                 future.cancel()
 
+    @property
+    def started(self) -> bool:
+        """Whether its worker processes are running (or starting) now."""
+        return self._executor is not None
+
     def start(self) -> None:
         """Start every worker now (they otherwise start with the first tasks)."""
-        for _ in self.decode(int, [(0,)] * 2 * self.workers):
-            pass
+        for outcome in self.decode(int, [(0,)] * 2 * self.workers):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     def shutdown(self) -> None:
         with self._lock:

@@ -23,9 +23,7 @@ import argparse
 import collections
 import http.client
 import json
-import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,12 +38,13 @@ import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "scripts")]
+
+from loopback import HOST, end, ensure_model, free_port, start_service, wait_healthy  # noqa: E402
 
 from hostile import corrupt_deflate, encrypted, zip_bomb  # noqa: E402
 from shared_data import P002, zip_files  # noqa: E402
 
-HOST = "127.0.0.1"  # loopback only
 PLANTED = "DOE_JOHN_1970"  # in every member name: must not reach the server's log
 MAX_UPLOAD = 16 << 20
 BROKEN = {  # kind: (status, problem type)
@@ -75,50 +74,15 @@ class Tally:
             self.failures.append(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def ensure_model(model_dir: Path) -> Path:
-    if not (model_dir / "saved_model.pb").exists():
-        print(f"building the default (untrained) SavedModel at {model_dir} ...", flush=True)
-        cmd = [sys.executable, "-m", "models", "build-default", "--out", str(model_dir)]
-        subprocess.run(cmd, cwd=ROOT, check=True)
-    return model_dir
-
-
 def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "COVIDCT_MODEL_DIR": str(args.model_dir),
+    settings = {
         "COVIDCT_MAX_QUEUE_SLICES": str(args.max_queue_slices),
         "COVIDCT_MAX_BATCH_SIZE": "4",
         "COVIDCT_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-        "COVIDCT_DEVICE": "cpu",
         "COVIDCT_LOG_LEVEL": "INFO",
         "COVIDCT_API_KEYS": "[]",
-        "TF_CPP_MIN_LOG_LEVEL": "2",
     }
-    cmd = [sys.executable, "-m", "uvicorn", "--factory", "app.main:app_factory",
-           "--host", HOST, "--port", str(port), "--workers", "1"]  # fmt: skip
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait_ready(base: str, server: subprocess.Popen[bytes], timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited with {server.returncode}")
-        try:
-            if requests.get(f"{base}/health", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("server did not become ready")
+    return start_service(port, args.model_dir, settings, log, "--workers", "1")
 
 
 class RssSampler(threading.Thread):
@@ -305,7 +269,7 @@ def main() -> int:
     tally = Tally()
     try:
         t_start = time.monotonic()
-        wait_ready(base, server)
+        wait_healthy(server, port, log, timeout_s=300)
         print(f"server ready on {base} in {time.monotonic() - t_start:.0f} s; log {log}")
         broken = broken_uploads()
         sampler = RssSampler(server.pid)
@@ -324,8 +288,7 @@ def main() -> int:
         sampler.stop.set()
         healthy = requests.get(f"{base}/health", timeout=10).status_code == 200
     finally:
-        server.terminate()
-        server.wait(60)
+        end(server, timeout_s=60)
     tally.failures += scan_log(log, tally.diagnoses + warm.diagnoses)
     report(args, tally, wall, rss_start, sampler.peak, rss_after, healthy)
     growth = rss_rounds[-1] - rss_rounds[0]
