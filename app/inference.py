@@ -2,13 +2,14 @@
 
 One model is loaded once (GPU with memory growth where present, else CPU) and warmed up.
 Requests hand a series and the indices of the slices to score to `InferenceEngine.predict`
-(or `submit`): the series is never copied. One worker thread cuts the queued slices into
-batches of at most `max_batch_size`, so slices of concurrent requests share model calls,
-waiting at most `max_queue_delay_ms` for a partial batch to fill; each batch is written
-slice by slice, straight from the series, into one float32 buffer that every model call
-reuses. The queue is bounded in slices: a request that does not fit is refused (503,
-Retry-After) before any of its slices is queued. The event loop only awaits a future;
-decode and inference never run on it.
+(or `submit`): the series is never copied. The engine is a policy over the shared batcher
+(app/batching.py): one worker thread cuts the queued slices into batches of at most
+`max_batch_size`, so slices of concurrent requests share model calls, waiting at most
+`max_queue_delay_ms` for a partial batch to fill; each batch is written slice by slice,
+straight from the series, into one float32 buffer that every model call reuses. The queue
+is bounded in slices: a request that does not fit is refused (503, Retry-After) before any
+of its slices is queued. A failing model call fails the requests in its batch only. The
+event loop only awaits a future; decode and inference never run on it.
 
 The service relies on the SavedModel contract alone (app/contract.py), never on models/.
 """
@@ -18,9 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import threading
 import time
-from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -28,7 +28,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from app import contract, metrics
-from app.errors import QueueFullError, ShuttingDownError
+from app.batching import BatchPolicy, Meters, Part, SliceBatcher, Wording
 
 logger = logging.getLogger(__name__)
 
@@ -136,44 +136,73 @@ class SavedModelPredictor:
         return probabilities
 
 
-@dataclass(eq=False)
-class _Job:
-    """One request's slices, consumed batch by batch in arrival order."""
+@dataclass(frozen=True)
+class _Slices:
+    """A request's slices: read by index from its series, never copied."""
 
-    stack: np.ndarray  # uint16 or float [N, 512, 512]: the request's series, not a copy
-    indices: np.ndarray  # intp [n]: which of its slices to score, in this order
-    future: asyncio.Future[np.ndarray]
-    loop: asyncio.AbstractEventLoop
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    next_index: int = 0  # next slice to hand to the model
-    done: int = 0  # slices with a result
-    started: bool = False
-    result: np.ndarray = field(init=False)
+    stack: np.ndarray  # uint16 or float [N, H, W]: the request's series
+    indices: np.ndarray  # integers [n]: which of its slices to score, in this order
 
-    def __post_init__(self) -> None:
-        self.result = np.full(self.size, np.nan, dtype=np.float32)
 
-    @property
-    def size(self) -> int:
-        return len(self.indices)
+class _Scoring(BatchPolicy[_Slices, np.ndarray]):
+    """The batcher's policy for the model: partial batches wait for more slices, each
+    batch is written into one reused float32 buffer, a slice's result is its probability."""
 
-    @property
-    def cancelled(self) -> bool:
-        return self.future.done()
+    name = "covidct-inference"
+    wording = Wording(
+        stopped="the inference engine is stopped",
+        shut_down="the service stopped before this request was scored",
+        full="{queued} slices are waiting; this request adds {adding} "
+        "to a queue of at most {limit}",
+        failed="model call failed",
+    )
+    meters = Meters(
+        depth=metrics.INFERENCE_QUEUE_DEPTH,
+        queue_time=metrics.INFERENCE_QUEUE_TIME,
+        compute_time=metrics.INFERENCE_COMPUTE_TIME,
+        batch_size=metrics.INFERENCE_BATCH_SIZE,
+    )
+
+    def __init__(self, predictor: Predictor, config: BatchingConfig) -> None:
+        self.predictor = predictor
+        self.max_batch_size = config.max_batch_size
+        self.fill_wait_s = config.max_queue_delay_ms / 1000.0
+        self._buffer: np.ndarray | None = None  # float32 [max_batch_size, H, W, 1], reused
+
+    def outputs(self, payload: _Slices, size: int) -> tuple[np.ndarray, ...]:
+        return (np.full(size, np.nan, dtype=np.float32),)
+
+    def assemble(self, parts: Sequence[Part[_Slices, np.ndarray]]) -> np.ndarray:
+        """The batch [n, H, W, 1] float32: each slice written from its series into the
+        reused buffer (uint16 → float32 is exact), without an intermediate copy."""
+        n = sum(b - a for _, a, b in parts)
+        shape = parts[0][0].payload.stack.shape[1:]
+        buffer = self._buffer
+        if buffer is None or buffer.shape[1:3] != shape or len(buffer) < n:
+            size = max(n, self.max_batch_size)
+            buffer = self._buffer = np.empty((size, *shape, 1), dtype=np.float32)
+        batch = buffer[:n]
+        row = 0
+        for job, a, b in parts:
+            for i in job.payload.indices[a:b]:
+                np.copyto(batch[row, ..., 0], job.payload.stack[i])
+                row += 1
+        return batch
+
+    def compute(self, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        return (np.asarray(self.predictor(batch)),)
+
+    def answer(self, outputs: tuple[np.ndarray, ...]) -> np.ndarray:
+        return outputs[0]
 
 
 class InferenceEngine:
-    """Dynamic batching over one predictor, in one worker thread."""
+    """Dynamic batching over one predictor, in one worker thread (app/batching.py)."""
 
     def __init__(self, predictor: Predictor, config: BatchingConfig | None = None) -> None:
         self.predictor = predictor
         self.config = config or BatchingConfig()
-        self._jobs: deque[_Job] = deque()
-        self._queued = 0  # slices not yet finished, over all jobs
-        self._cond = threading.Condition()
-        self._stopping = False
-        self._buffer: np.ndarray | None = None  # float32 [max_batch_size, H, W, 1], reused
-        self._thread = threading.Thread(target=self._run, name="covidct-inference", daemon=True)
+        self._batcher = SliceBatcher(_Scoring(predictor, self.config), self.config)
 
     @property
     def card(self) -> contract.ModelCard:
@@ -184,7 +213,7 @@ class InferenceEngine:
 
     @property
     def queued_slices(self) -> int:
-        return self._queued
+        return self._batcher.queued_slices
 
     @property
     def uses_host_cpu(self) -> bool:
@@ -194,23 +223,12 @@ class InferenceEngine:
         return device is None or "CPU" in str(device).upper()
 
     def start(self) -> None:
-        self._thread.start()
+        self._batcher.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the model call in progress; every slice still queued fails its request
         with ShuttingDownError (503), so that no request waits for a stopped engine."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        with self._cond:
-            left, self._queued = list(self._jobs), 0
-            self._jobs.clear()
-            metrics.INFERENCE_QUEUE_DEPTH.set(0)
-        for job in left:
-            error = ShuttingDownError("the service stopped before this request was scored")
-            job.loop.call_soon_threadsafe(_settle, job.future, None, error)
+        self._batcher.stop(timeout)
 
     def warm_up(self) -> dict[int, float]:
         """Run each warm-up batch size once (graph tracing, kernel selection); returns
@@ -239,9 +257,9 @@ class InferenceEngine:
         self, stack: np.ndarray, indices: np.ndarray | None = None
     ) -> asyncio.Future[np.ndarray]:
         """Queue the slices `indices` (default: all) of `stack` [N, H, W] at once, on the
-        running event loop, and return the future of their probabilities [n]; cancelling
-        the future drops its slices still queued. The stack is read, never copied, until
-        the future is done: the caller must not change it meanwhile.
+        running event loop, and return the future of their probabilities float32 [n];
+        cancelling the future drops its slices still queued. The stack is read, never
+        copied, until the future is done: the caller must not change it meanwhile.
 
         Raises ShuttingDownError or QueueFullError (nothing queued) right away."""
         if stack.ndim != 3:
@@ -253,141 +271,7 @@ class InferenceEngine:
             raise ValueError(f"indices must be 1-D integers. Received: {indices.dtype}")
         if indices.size and (indices.min() < 0 or indices.max() >= len(stack)):
             raise ValueError(f"indices must lie in [0, {len(stack)}). Received: out of range")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[np.ndarray] = loop.create_future()
-        n = len(indices)
-        if n == 0:
-            future.set_result(np.zeros(0, dtype=np.float32))
-            return future
-        job = _Job(stack, indices, future, loop)
-        limit = self.config.max_queue_slices
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDownError("the inference engine is stopped")
-            self._drop_cancelled()  # requests withdrawn meanwhile make room at once
-            if self._queued + n > limit and self._queued > 0:
-                raise QueueFullError(
-                    f"{self._queued} slices are waiting; this request adds {n} "
-                    f"to a queue of at most {limit}",
-                    retry_after_s=self.config.retry_after_s,
-                )
-            self._jobs.append(job)
-            self._queued += n
-            metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
-            self._cond.notify()
-        return future
-
-    # --- worker thread -----------------------------------------------------------------
-
-    def _run(self) -> None:
-        while True:
-            parts = self._next_batch()
-            if parts is None:
-                return
-            try:
-                batch = self._assemble(parts)
-                t0 = time.perf_counter()
-                probs = self.predictor(batch)
-            except Exception as exc:  # a model failure fails the requests in this batch only
-                logger.exception("model call failed")
-                self._finish(parts, None, exc)
-                continue
-            metrics.INFERENCE_COMPUTE_TIME.observe(time.perf_counter() - t0)
-            metrics.INFERENCE_BATCH_SIZE.observe(len(batch))
-            self._finish(parts, probs, None)
-
-    def _assemble(self, parts: list[tuple[_Job, int, int]]) -> np.ndarray:
-        """The batch [n, H, W, 1] float32: each slice written from its series into the
-        reused buffer (uint16 → float32 is exact), without an intermediate copy."""
-        n = sum(b - a for _, a, b in parts)
-        shape = parts[0][0].stack.shape[1:]
-        buffer = self._buffer
-        if buffer is None or buffer.shape[1:3] != shape or len(buffer) < n:
-            size = max(n, self.config.max_batch_size)
-            buffer = self._buffer = np.empty((size, *shape, 1), dtype=np.float32)
-        batch = buffer[:n]
-        row = 0
-        for job, a, b in parts:
-            for i in job.indices[a:b]:
-                np.copyto(batch[row, ..., 0], job.stack[i])
-                row += 1
-        return batch
-
-    def _next_batch(self) -> list[tuple[_Job, int, int]] | None:
-        """Take up to max_batch_size slices, waiting max_queue_delay for a partial batch."""
-        max_batch = self.config.max_batch_size
-        with self._cond:
-            while True:
-                self._drop_cancelled()
-                if self._stopping:
-                    return None
-                available = sum(j.size - j.next_index for j in self._jobs)
-                if available:
-                    break
-                self._cond.wait()
-            deadline = time.perf_counter() + self.config.max_queue_delay_ms / 1000.0
-            while available < max_batch and not self._stopping:
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-                self._drop_cancelled()
-                available = sum(j.size - j.next_index for j in self._jobs)
-            parts, room = [], max_batch
-            for job in self._jobs:
-                take = min(room, job.size - job.next_index)
-                if take <= 0:
-                    continue
-                if not job.started:
-                    job.started = True
-                    metrics.INFERENCE_QUEUE_TIME.observe(time.perf_counter() - job.enqueued_at)
-                parts.append((job, job.next_index, job.next_index + take))
-                job.next_index += take
-                room -= take
-                if room == 0:
-                    break
-            return parts
-
-    def _drop_cancelled(self) -> None:
-        for job in [j for j in self._jobs if j.cancelled]:
-            self._jobs.remove(job)
-            self._queued -= job.size - job.done
-        metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
-
-    def _finish(
-        self, parts: list[tuple[_Job, int, int]], probs: np.ndarray | None, exc: Exception | None
-    ) -> None:
-        offset = 0
-        with self._cond:
-            for job, a, b in parts:
-                if job.cancelled or job not in self._jobs:
-                    offset += b - a
-                    continue
-                if exc is not None:
-                    self._jobs.remove(job)
-                    self._queued -= job.size - job.done
-                    job.loop.call_soon_threadsafe(_settle, job.future, None, exc)
-                    continue
-                assert probs is not None
-                job.result[a:b] = probs[offset : offset + (b - a)]
-                offset += b - a
-                job.done += b - a
-                self._queued -= b - a
-                if job.done == job.size:
-                    self._jobs.remove(job)
-                    job.loop.call_soon_threadsafe(_settle, job.future, job.result, None)
-            metrics.INFERENCE_QUEUE_DEPTH.set(self._queued)
-
-
-def _settle(
-    future: asyncio.Future[np.ndarray], result: np.ndarray | None, exc: Exception | None
-) -> None:
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    elif result is not None:
-        future.set_result(result)
+        return self._batcher.submit(_Slices(stack, indices), len(indices))
 
 
 def load_engine(config: ModelConfig) -> InferenceEngine:

@@ -127,7 +127,7 @@ def test_a_shutdown_during_loading_is_not_undone_by_the_load(card: Any) -> None:
         gate.set()
         await loading
         assert runtime.state == "draining"
-        assert runtime.engine is not None and not runtime.engine._thread.is_alive()
+        assert runtime.engine is not None and not runtime.engine._batcher._thread.is_alive()
 
     asyncio.run(go())
     runtime.stop()
