@@ -6,7 +6,9 @@ SavedModel, and a standard DICOMweb client and a real PACS store P002 into it.
     `DicomWeb.Servers` setting pointing at the service);
 each time the study becomes one job, and the job's diagnosis is the synchronous route's
 on the same files. P002 is stored with valid UIDs (stow_support.repaired_p002): the
-published files carry none a PACS accepts.
+published files carry none a PACS accepts. To keep the suite's time, the study is a run of
+24 contiguous P002 slices through the open lungs (the transport does not depend on the
+count; the whole series through the network is tests/test_api.py's).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ pytestmark = [needs_data, pytest.mark.slow]
 
 CLIENT_KEY, PACS_KEY = "dicomweb-client-key", "orthanc-pacs-key"
 QUIET_S = 5  # Orthanc sends a study in one or a few back-to-back requests
-JOB_DEADLINE_S = 900.0  # 133 slices through the full network on a busy 2-core CPU
+JOB_DEADLINE_S = 900.0  # the slices through the full network on a busy 2-core CPU
+# 24 contiguous slices through the open lungs (P002's IM0051 … IM0074).
+SLICES = tuple(f"IM{i:04d}.dcm" for i in range(51, 75))
 
 
 @pytest.fixture(scope="module")
 def p002(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return repaired_p002(tmp_path_factory.mktemp("p002"))
+    return repaired_p002(tmp_path_factory.mktemp("p002"), SLICES)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +67,7 @@ def sync_answer(service: Service, p002: list[Path]) -> dict[str, Any]:
         )
     assert r.status_code == 200, r.text
     answer: dict[str, Any] = r.json()
+    assert answer["n"] >= len(SLICES) // 2, "too few slices scored to compare anything"
     return answer
 
 
@@ -107,7 +112,7 @@ def test_dicomweb_client_stores_p002_and_the_job_diagnoses_it(
     job = finished(service, job_id, CLIENT_KEY)
     assert (job["state"], job["source"], job["attempts"]) == ("done", "stow", 1), job
     same_diagnosis(job["diagnosis"], sync_answer, atol=BATCH_ATOL)
-    assert len(job["diagnosis"]["series"][0]["slices"]) == 133
+    assert len(job["diagnosis"]["series"][0]["slices"]) == len(SLICES)
 
 
 def test_orthanc_pushes_p002_and_it_becomes_one_job(
@@ -121,7 +126,7 @@ def test_orthanc_pushes_p002_and_it_becomes_one_job(
     with start_orthanc(orthanc_install, tmp_path, servers) as pacs:
         study = pacs.upload(p002)
         pushed = pacs.stow("covidct", [study])
-    assert int(pushed["InstancesCount"]) == 133
+    assert int(pushed["InstancesCount"]) == len(SLICES)
 
     with service.client() as c:
         listed = c.get(

@@ -5,10 +5,11 @@ notebook, not from models/architecture.py) is compiled as they did, takes one tr
 step, gets varied weights and is saved both ways their code could: `model.save` (what
 their ModelCheckpoint wrote, optimizer state included) and `save_weights`. That happens
 at test time in a process of its own (tests/models/keras2_fixture.py: Keras 2 and Keras 3
-must not share one), in a temporary folder: the files are never committed. Each file then
-goes through `python -m models import-weights FILE --out DIR`, and the SavedModel must
-give the Keras 2 model's covid probabilities on raw P002 slices (HU + 1024, decoded by the
-service's ingest).
+must not share one), in a temporary folder: the files are never committed. The
+`model.save` file then goes through `python -m models import-weights FILE --out DIR`, and
+the SavedModel must give the Keras 2 model's covid probabilities on raw P002 slices (HU +
+1024, decoded by the service's ingest); the importer must read the same weights from the
+`save_weights` file.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import pytest
 
 from app import contract
+from models.keras2_hdf5 import is_whole_model, read_keras2_h5
 from models.verify_import import (
     Comparison,
     saved_model_covid_probability,
@@ -70,17 +72,16 @@ def keras2_files(tmp_path_factory: pytest.TempPathFactory) -> Keras2Files:
 
 
 @pytest.fixture(scope="session")
-def imported(keras2_files: Keras2Files, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Each file through the user's command; the SavedModel directory per kind."""
-    out = tmp_path_factory.mktemp("imported")
-    dirs = {}
-    for kind, name in FILES.items():
-        target = out / kind
-        done = run("-m", "models", "import-weights", keras2_files.folder / name, "--out", target)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert f"imported {name}" in done.stdout
-        dirs[kind] = target
-    return dirs
+def imported(keras2_files: Keras2Files, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `model.save` file through the user's command: the SavedModel directory. (The
+    `save_weights` file differs only in where the reader finds the weights, which
+    test_both_files_give_the_importer_the_same_weights checks without a second export.)"""
+    target = tmp_path_factory.mktemp("imported") / "model.save"
+    name = FILES["model.save"]
+    done = run("-m", "models", "import-weights", keras2_files.folder / name, "--out", target)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"imported {name}" in done.stdout
+    return target
 
 
 def _texts(values: np.ndarray) -> list[str]:
@@ -115,14 +116,13 @@ def test_the_keras_2_model_scores_spread(keras2_files: Keras2Files) -> None:
 
 @needs_data
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", FILES)
 def test_import_gives_the_keras_2_models_probabilities(
-    keras2_files: Keras2Files, imported: dict, kind: str
+    keras2_files: Keras2Files, imported: Path
 ) -> None:
     assert np.ptp(keras2_files.expected) > 0.1, "outputs must spread, or agreement is vacuous"
-    served = saved_model_covid_probability(imported[kind], keras2_files.slices)
+    served = saved_model_covid_probability(imported, keras2_files.slices)
     np.testing.assert_allclose(served, keras2_files.expected, atol=ATOL)
-    card = contract.read_card(imported[kind])
+    card = contract.read_card(imported)
     assert card.weights_source == "imported" and card.fold == 1
     assert card.preprocessing == contract.PREPROCESSING_NONE
     assert card.intended_use == contract.INTENDED_USE
@@ -131,10 +131,28 @@ def test_import_gives_the_keras_2_models_probabilities(
 
 @needs_data
 @pytest.mark.slow
+def test_both_files_give_the_importer_the_same_weights(keras2_files: Keras2Files) -> None:
+    """What import-weights reads from the `save_weights` file is what it reads from the
+    `model.save` one (the reader is the only step that looks at the format): the same
+    layers in the same order, the same weight names, bit-identical arrays."""
+    whole = read_keras2_h5(keras2_files.folder / FILES["model.save"])
+    weights_only = read_keras2_h5(keras2_files.folder / FILES["save_weights"])
+    assert is_whole_model(keras2_files.folder / FILES["model.save"])
+    assert not is_whole_model(keras2_files.folder / FILES["save_weights"])
+    assert list(weights_only) == list(whole) and len(whole) > 100  # 116 layers with weights
+    for name, layer in whole.items():
+        other = weights_only[name]
+        assert other.weight_names == layer.weight_names, name
+        for a, b in zip(other.arrays, layer.arrays, strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@needs_data
+@pytest.mark.slow
 def test_verify_import_prints_the_difference(keras2_files: Keras2Files, imported: dict) -> None:
     done = run(
         "-m", "models", "verify-import", keras2_files.folder / FILES["model.save"],
-        imported["model.save"], "--dicom-dir", P002,
+        imported, "--dicom-dir", P002,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     printed = re.search(r"max \|covid probability difference\| = (\S+) over 8 slices", done.stdout)
