@@ -15,10 +15,8 @@ import pydicom
 from fastapi.testclient import TestClient
 
 from app.contract import ModelCard
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
 from dicom_factory import synthetic_ct
-from support import make_settings, wait_ready
+from support import sharing_app, started
 
 # Dark ROI pixels above which the stand-in calls a slice COVID: P002's fullest lung slices
 # are above it, all of normal002's below.
@@ -81,12 +79,6 @@ def dark_lung_client(**settings: object) -> Iterator[TestClient]:
     yielded."""
     from models.export import untrained_card  # TensorFlow: only for the tests that use it
 
-    card = untrained_card(seed=0, head_init_std=0.02)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(DarkLungModel(card), config.batching)
-
-    app_settings = make_settings(Path("unused-model-dir"), decode_workers=0, **settings)
-    with TestClient(create_app(app_settings, loader=loader)) as c:
-        wait_ready(c, timeout_s=60)
+    model = DarkLungModel(untrained_card(seed=0, head_init_std=0.02))
+    with started(sharing_app(model, Path("unused-model-dir"), decode_workers=0, **settings)) as c:
         yield c

@@ -22,11 +22,8 @@ import pydicom
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.inference import InferenceEngine, ModelConfig, SavedModelPredictor
-from app.main import create_app
 from dicom_factory import dicom_bytes, tiff_bytes
 from shared_data import P002, VARIANTS, zip_files
-from support import make_settings, wait_ready
 
 PROBLEM_JSON = "application/problem+json"
 DIAGNOSE = "/patients/diagnose"
@@ -111,23 +108,6 @@ def diagnose_scope(headers: dict[str, str]) -> dict[str, Any]:
         "root_path": "", "client": ("127.0.0.1", 1), "server": ("testserver", 80),
         "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
     }  # fmt: skip
-
-
-def sharing_app(predictor: SavedModelPredictor, model_dir: Path, **overrides: object) -> FastAPI:
-    """The real app with its own settings and engine around an already loaded SavedModel,
-    so a test with other limits does not load (and warm) the model again."""
-    settings = make_settings(model_dir, **overrides)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(predictor, config.batching)
-
-    return create_app(settings, loader=loader)
-
-
-def started(app: FastAPI) -> Iterator[TestClient]:
-    with TestClient(app) as client:
-        wait_ready(client, timeout_s=60)
-        yield client
 
 
 # --- crafted archives ------------------------------------------------------------------------

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
+from app.inference import InferenceEngine, ModelConfig, Predictor
+from app.main import create_app
 from app.settings import Settings
 from models.calibration import ct_like_slices, give_trained_statistics
 
@@ -77,3 +82,23 @@ def wait_loaded(client: TestClient, timeout_s: float = 600) -> Any:
 def wait_ready(client: TestClient, timeout_s: float = 600) -> None:
     r = wait_loaded(client, timeout_s)
     assert r.status_code == 200, r.json()
+
+
+def sharing_app(predictor: Predictor, model_dir: Path, **overrides: object) -> FastAPI:
+    """The real app with its own settings (make_settings) and engine around `predictor`:
+    an already loaded SavedModel, so that a test with other limits does not load and warm
+    the model again, or a stand-in model (tests/dark_lung.py)."""
+    settings = make_settings(model_dir, **overrides)
+
+    def loader(config: ModelConfig) -> InferenceEngine:
+        return InferenceEngine(predictor, config.batching)
+
+    return create_app(settings, loader=loader)
+
+
+@contextmanager
+def started(app: FastAPI) -> Iterator[TestClient]:
+    """The app's lifespan running, its model ready."""
+    with TestClient(app) as client:
+        wait_ready(client, timeout_s=60)
+        yield client

@@ -15,9 +15,10 @@ from pydantic import ValidationError
 
 from app import guard
 from app.settings import Settings
-from hostile import DIAGNOSE, asgi_post, p002_slice, post, sharing_app, started
+from hostile import DIAGNOSE, asgi_post, p002_slice, post
 from hostile import assert_problem as problem
 from shared_data import needs_data, zip_files
+from support import sharing_app, started
 
 pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
@@ -32,7 +33,8 @@ def predictor(client: TestClient) -> Any:
 
 @pytest.fixture(scope="module")
 def keyed(predictor: Any, test_model_dir: Path) -> Iterator[TestClient]:
-    yield from started(sharing_app(predictor, test_model_dir, api_keys=KEYS))
+    with started(sharing_app(predictor, test_model_dir, api_keys=KEYS)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

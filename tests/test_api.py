@@ -24,10 +24,14 @@ from dark_lung import DARK_CUTOFF, DarkLungModel
 from fastapi.testclient import TestClient
 
 from app.contract import read_card
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
 from shared_data import NORMAL002, P002, VARIANTS, needs_data, zip_dirs, zip_files
-from support import BATCH_ATOL, make_settings, paper_rule, stored_values, wait_ready
+from support import (
+    BATCH_ATOL,
+    paper_rule,
+    sharing_app,
+    started,
+    stored_values,
+)
 
 pytestmark = needs_data
 
@@ -213,14 +217,8 @@ def expected_k(stack: np.ndarray) -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def judging(test_model_dir: Path) -> Iterator[TestClient]:
     """The real app with DarkLungModel in place of the SavedModel."""
-    card = read_card(test_model_dir)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(DarkLungModel(card), config.batching)
-
-    app = create_app(make_settings(test_model_dir, decode_workers=0), loader=loader)
-    with TestClient(app) as client:
-        wait_ready(client, timeout_s=60)
+    model = DarkLungModel(read_card(test_model_dir))
+    with started(sharing_app(model, test_model_dir, decode_workers=0)) as client:
         yield client
 
 

@@ -23,11 +23,9 @@ from PIL import Image
 
 from app import contract
 from app.contract import ModelCard, read_card
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
 from hostile import assert_problem
 from shared_data import P002, needs_data, zip_files
-from support import make_settings, stored_values, wait_ready
+from support import sharing_app, started, stored_values
 
 pytestmark = needs_data
 
@@ -199,14 +197,8 @@ class NoExplainModel:
 
 @pytest.fixture(scope="module")
 def no_explain(test_model_dir: Path) -> Iterator[TestClient]:
-    card = read_card(test_model_dir)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(NoExplainModel(card), config.batching)
-
-    app = create_app(make_settings(test_model_dir, decode_workers=0), loader=loader)
-    with TestClient(app) as c:
-        wait_ready(c, timeout_s=60)
+    model = NoExplainModel(read_card(test_model_dir))
+    with started(sharing_app(model, test_model_dir, decode_workers=0)) as c:
         yield c
 
 

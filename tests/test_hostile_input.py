@@ -37,13 +37,12 @@ from hostile import (
     p002_slice,
     p002_tiff,
     post,
-    sharing_app,
-    started,
     zip_bomb,
     zip_by_hand,
 )
 from hostile import assert_problem as problem
 from shared_data import VARIANTS, needs_data, zip_files
+from support import sharing_app, started
 
 pytestmark = [needs_data, pytest.mark.usefixtures("production_warning_filters")]
 
@@ -66,7 +65,8 @@ def predictor(client: TestClient) -> Any:
 @pytest.fixture(scope="module")
 def limited(predictor: Any, test_model_dir: Path) -> Iterator[TestClient]:
     """The real app with small limits, sharing the session's loaded model."""
-    yield from started(sharing_app(predictor, test_model_dir, **LIMITS))
+    with started(sharing_app(predictor, test_model_dir, **LIMITS)) as client:
+        yield client
 
 
 @pytest.fixture(scope="module")

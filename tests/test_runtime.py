@@ -28,9 +28,8 @@ from app.inference import BatchingConfig, InferenceEngine, ModelConfig
 from app.runtime import Runtime, ServiceConfig, drain_on_sigterm
 from dicom_factory import tiff_bytes
 from hostile import assert_problem as problem
-from hostile import sharing_app, started
 from shared_data import zip_files
-from support import ct_like_slices
+from support import ct_like_slices, sharing_app, started
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -197,7 +196,7 @@ def test_sigterm_drains_then_asks_the_server_to_exit(card: Any, server_kind: str
 def draining(client: TestClient, test_model_dir: Path) -> Iterator[TestClient]:
     """An app sharing the session's model, draining (as after SIGTERM), nothing in flight."""
     predictor = client.app.state.runtime.engine.predictor  # type: ignore[attr-defined]
-    for running in started(sharing_app(predictor, test_model_dir, drain_timeout_s=5)):
+    with started(sharing_app(predictor, test_model_dir, drain_timeout_s=5)) as running:
         runtime: Runtime = running.app.state.runtime  # type: ignore[attr-defined]
         assert running.portal.call(runtime.drain) is True  # type: ignore[union-attr]
         yield running

@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from orthanc_server import orthanc_install  # noqa: F401 (a fixture)
-from stow_support import fast_app, started
+from stow_support import fast_app
+from support import started
 
 
 @pytest.fixture(scope="module")

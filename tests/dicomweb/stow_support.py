@@ -4,9 +4,7 @@ real app with a stand-in model whose scores are known. Not a test module."""
 from __future__ import annotations
 
 import io
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +15,10 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydicom.uid import generate_uid
 
-from app.inference import InferenceEngine, ModelConfig
-from app.main import create_app
 from dicom_factory import synthetic_ct
 from models.export import untrained_card
 from shared_data import P002, zip_files
-from support import make_settings
+from support import sharing_app
 
 BOUNDARY = "covidct-test-boundary-0f3cf5c0"
 STOW_TYPE = f'multipart/related; type="application/dicom"; boundary={BOUNDARY}'
@@ -110,11 +106,7 @@ def zip_of(files: Iterable[Path]) -> bytes:
 
 def fast_app(data_dir: Path, **overrides: object) -> FastAPI:
     """The real app (jobs in `data_dir`) with DarkLungModel in place of the SavedModel."""
-    card = untrained_card(seed=0, head_init_std=0.02)
-
-    def loader(config: ModelConfig) -> InferenceEngine:
-        return InferenceEngine(DarkLungModel(card), config.batching)
-
+    model = DarkLungModel(untrained_card(seed=0, head_init_std=0.02))
     values: dict[str, object] = {
         "decode_workers": 0,
         "jobs_data_dir": data_dir,
@@ -123,18 +115,7 @@ def fast_app(data_dir: Path, **overrides: object) -> FastAPI:
         "jobs_poll_interval_s": 0.05,
     }
     values.update(overrides)
-    return create_app(make_settings(Path("unused-model-dir"), **values), loader=loader)
-
-
-@contextmanager
-def started(app: FastAPI, timeout_s: float = 60.0) -> Iterator[TestClient]:
-    """The app's lifespan running, its model ready."""
-    with TestClient(app) as client:
-        deadline = time.monotonic() + timeout_s
-        while client.get("/health").status_code != 200:
-            assert time.monotonic() < deadline, client.get("/health").json()
-            time.sleep(0.02)  # polling interval, bounded by the deadline
-        yield client
+    return sharing_app(model, Path("unused-model-dir"), **values)
 
 
 def wait_job(client: TestClient, job_id: str, key: str = API_KEY, wait_s: float = 60) -> Any:

@@ -27,13 +27,13 @@ from stow_support import (
     multipart,
     repaired_p002,
     same_diagnosis,
-    started,
     stored_uids,
     stow,
     uid,
     wait_job,
     zip_of,
 )
+from support import started
 
 KEY = {"X-API-Key": API_KEY}
 OPEN_LUNG = [f"IM{n:04d}.dcm" for n in range(56, 68, 2)]  # six P002 slices through open lung
