@@ -227,14 +227,15 @@ def pipeline_in_process(model_dir: Path, archive: bytes, repeats: int, **overrid
 
 
 def decode_tasks() -> list[tuple]:
-    """P002's frames as the decode workers get them: (file bytes, frame, slope, intercept)."""
-    import pydicom
+    """P002's frames as the decode workers get them (DecodeTask: pixel data and description)."""
+    from app.ingest import IngestLimits
+    from app.ingest.dicom import one_frame, read_dicom
 
     tasks = []
-    for p in sorted(P002.glob("*.dcm")):
-        ds = pydicom.dcmread(p, stop_before_pixels=True)
-        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
-        tasks.append((p.read_bytes(), 0, slope, intercept))
+    for i, p in enumerate(sorted(P002.glob("*.dcm"))):
+        for frame in read_dicom(i + 1, p.name, p.read_bytes(), IngestLimits()):
+            assert frame.task is not None
+            tasks.append(one_frame(frame.task))
     return tasks
 
 

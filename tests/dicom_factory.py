@@ -19,7 +19,8 @@ import numpy as np
 import pydicom
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
 
 # Patient data planted in tags and member names: must never reach a log or an error body.
 PHI_NAME = "DOE^JOHN"
@@ -102,6 +103,23 @@ def synthetic_ct(
         dtype = np.dtype(np.uint8) if bits == 8 else np.dtype(np.int16 if signed else np.uint16)
         ds.PixelData = values.astype(dtype).tobytes()
     return file_bytes(plant_phi(ds))
+
+
+def multi_frame_ct(
+    values: np.ndarray, *, rle: bool = False, offset_table: bool = True, fragments: int = 1
+) -> bytes:
+    """A multi-frame CT object of these uint16 stored values [frames, rows, columns] as DICOM
+    file bytes (intercept −1024: the values are HU + 1024), patient data planted, without
+    positions (its frames keep their file order): uncompressed, or RLE Lossless encoded by
+    pydicom with or without a Basic Offset Table, each frame in `fragments` fragments."""
+    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(values[0], z=None)))
+    ds.NumberOfFrames = len(values)
+    ds.PixelData = np.ascontiguousarray(values, dtype=np.uint16).tobytes()
+    if rle:
+        ds.compress(RLELossless, encoding_plugin="pydicom")
+        encoded = list(generate_frames(ds.PixelData, number_of_frames=len(values)))
+        ds.PixelData = encapsulate(encoded, fragments_per_frame=fragments, has_bot=offset_table)
+    return file_bytes(ds)
 
 
 def tiff_bytes(values: np.ndarray, **kwargs: object) -> bytes:

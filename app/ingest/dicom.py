@@ -4,6 +4,12 @@ Every frame's pixels leave as uint16 stored values in the paper's domain: HU (th
 Modality LUT: RescaleSlope and RescaleIntercept, per frame in enhanced objects) + 1024,
 clipped at 0. The Photometric Interpretation never changes them: MONOCHROME1 only tells a
 viewer to show low values bright (docs/judging.md).
+
+Without a decode pool, pixels are decoded from the parsed dataset (`Frame.load`). With one,
+from a `DecodeTask` (`decode_frame`, in a worker; in this thread should the pool break): the
+Pixel Data value (`one_frame`: only that frame's bytes) and pydicom's description of it,
+read here once, so that a worker never parses the header again. Both give the same values:
+pydicom's decoder gets the same frame bytes and options either way.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import Decoder, get_decoder
+from pydicom.pixels.utils import as_pixel_options
 from pydicom.tag import Tag
 from pydicom.uid import (
     UID,
@@ -30,7 +38,7 @@ from pydicom.uid import (
 )
 
 from app import errors
-from app.ingest.frames import MAX_SIDE, Frame, Skip
+from app.ingest.frames import MAX_SIDE, DecodeTask, Frame, Skip
 from app.ingest.limits import IngestLimits
 from app.ingest.orientation import Orientation
 
@@ -39,6 +47,7 @@ logger = logging.getLogger(__name__)
 OFFSET = 1024  # stored value = HU + OFFSET
 _MAX_SLOPE, _MAX_INTERCEPT = 1e3, 1e5  # CT uses slope ~1 and intercept ~−1024 or 0
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _ROUND_MM = 6  # geometry values are reported to the µm at most
 _IDENTIFIERS = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
 # Left out of the kept header: large and of no use to a result that copies patient and
@@ -64,10 +73,12 @@ def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list
         # pydicom stops quietly at the end of a truncated file, dropping the element
         raise Skip("corrupt", "pixel data truncated or unreadable")
     _check(ds)
-    decoder = _decoder(_transfer_syntax(ds))
+    syntax = _transfer_syntax(ds)
+    decoder = _decoder(syntax)
     n_frames = int(ds.get("NumberOfFrames") or 1)
     if not 1 <= n_frames <= limits.max_slices_per_series:
         raise errors.TooManySlicesError(f"archive member {index} holds {n_frames} frames")
+    pixels, options = ds.PixelData, _pixel_options(ds)  # what a decode worker needs
     uid = str(ds.get("SeriesInstanceUID") or "").strip()
     shared = _item(ds, "SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence") or []
@@ -102,7 +113,7 @@ def read_dicom(index: int, name: str, data: bytes, limits: IngestLimits) -> list
                 load=partial(load_frame, decoder, ds, i, slope, intercept),
                 frame=i if n_frames > 1 else None,
                 position=orientation.position(ipp) if orientation and _finite(ipp, 3) else None,
-                task=(data, i, slope, intercept),
+                task=DecodeTask(str(syntax), pixels, i, options, slope, intercept),
                 orientation=orientation,
                 spacing=_pair(tag("PixelMeasuresSequence", "PixelSpacing")),
                 thickness=_length(tag("PixelMeasuresSequence", "SliceThickness")),
@@ -178,6 +189,16 @@ def _transfer_syntax(ds: Dataset) -> UID:
     return UID(str(ts))
 
 
+def _pixel_options(ds: Dataset) -> dict[str, Any]:
+    """What pydicom's decoder reads from a dataset besides the Pixel Data value (as
+    `Decoder.as_array` does for a dataset source): the Image Pixel module's description,
+    the pixel keyword and VR, and the Extended Offset Table if any."""
+    if sum(keyword in ds for keyword in _PIXEL_KEYWORDS) != 1:
+        # pydicom refuses to decode such a dataset ("one and only one" pixel data element)
+        raise Skip("corrupt", "more than one pixel data element")
+    return {**as_pixel_options(ds), "pixel_keyword": "PixelData", "pixel_vr": ds["PixelData"].VR}
+
+
 def _decoder(ts: UID) -> Decoder:
     label = ts.name if ts.name != str(ts) else "unknown"  # known UIDs only: no free text
     try:
@@ -200,13 +221,52 @@ def load_frame(
     return to_stored_values(raw, slope, intercept)
 
 
-def decode_frame(data: bytes, index: int, slope: float, intercept: float) -> np.ndarray:
-    """`load_frame` from the member's bytes, in a decode worker process (DecodePool)."""
+def decode_frame(
+    syntax: str,
+    pixels: bytes,
+    frame: int,
+    options: dict[str, Any],
+    slope: float,
+    intercept: float,
+) -> np.ndarray:
+    """`load_frame` from a `DecodeTask` (`decode_frame(*task)`): in a decode worker process
+    (DecodePool), or in this thread when the pool broke. No header is parsed."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        return load_frame(_decoder(_transfer_syntax(ds)), ds, index, slope, intercept)
+        raw, _ = get_decoder(syntax).as_array(pixels, index=frame, **options)
+        return to_stored_values(raw, slope, intercept)
     except Exception as e:  # sent back pickled: a plain type that carries only the kind
         raise RuntimeError(type(e).__name__) from None
+
+
+def one_frame(task: DecodeTask) -> DecodeTask:
+    """The task with only its own frame's bytes, as sent to a worker: a multi-frame file's
+    tasks share its whole Pixel Data value, which would otherwise be pickled for each frame.
+
+    The frame's bytes are those pydicom's decoder would take from the whole value (for
+    encapsulated syntaxes, its `get_frame`; it scans the fragments when there is no Basic
+    Offset Table), so the frame decodes to the same values. Where that is not certain (an
+    Extended Offset Table, an odd-length frame, a short buffer, anything raising), the task
+    goes whole and the worker meets what decoding the whole value meets."""
+    options = task.options
+    try:
+        frames = int(options.get("number_of_frames") or 1)
+        if frames == 1 or "extended_offsets" in options:
+            return task
+        if UID(task.syntax).is_encapsulated:
+            frame = get_frame(task.pixels, task.frame, number_of_frames=frames)
+            if len(frame) % 2:  # encapsulate() would pad it
+                return task
+            pixels = encapsulate([frame], has_bot=False)
+        else:
+            bits = int(options["bits_allocated"])
+            pixel_count = int(options["rows"]) * int(options["columns"])
+            length = pixel_count * int(options["samples_per_pixel"]) * bits // 8
+            if bits % 8 or length < 1 or len(task.pixels) < length * frames:
+                return task  # as a whole: the decoder's own length checks apply
+            pixels = task.pixels[task.frame * length : (task.frame + 1) * length]
+    except Exception:  # corrupt data: the worker reports it
+        return task
+    return task._replace(pixels=pixels, frame=0, options={**options, "number_of_frames": 1})
 
 
 def to_stored_values(raw: np.ndarray, slope: float, intercept: float) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -44,6 +44,18 @@ class Skipped:
         return Skipped(skip.category, SkippedMember(index, skip.reason))
 
 
+class DecodeTask(NamedTuple):
+    """What a decode worker gets for one DICOM frame (`dicom.decode_frame(*task)`): the
+    Pixel Data element's value and pydicom's description of it, never the member's header."""
+
+    syntax: str  # Transfer Syntax UID
+    pixels: bytes  # the Pixel Data value: the file's (its frames share it) or one frame's
+    frame: int  # the frame in `pixels`, 0-based
+    options: dict[str, Any]  # pydicom's pixel description: rows, columns, bits, frames ...
+    slope: float  # RescaleSlope
+    intercept: float  # RescaleIntercept
+
+
 @dataclass(frozen=True)
 class Frame:
     """One future slice: header facts now, pixels on `load()` (uint16 stored values, in the
@@ -59,7 +71,7 @@ class Frame:
     position: float | None = None  # mm along the slice normal, signed so head → feet falls
     instance: int | None = None
     by_folder: bool = False  # DICOM without SeriesInstanceUID
-    task: tuple[Any, ...] | None = None  # picklable arguments of dicom.decode_frame
+    task: DecodeTask | None = None  # DICOM: what a decode worker gets
     orientation: Orientation | None = None  # None: TIFF, or no readable orientation
     spacing: tuple[float, float] | None = None  # PixelSpacing (between rows, columns), stored
     thickness: float | None = None  # SliceThickness, mm

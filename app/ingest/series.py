@@ -21,7 +21,7 @@ import numpy as np
 
 from app import errors
 from app.domain import Series, SkippedMember, SliceInfo
-from app.ingest.dicom import decode_frame
+from app.ingest.dicom import decode_frame, one_frame
 from app.ingest.frames import SIZE, Frame, Skipped
 from app.ingest.geometry import series_geometry
 from app.ingest.limits import IngestLimits
@@ -101,9 +101,9 @@ def decode_series(plan: SeriesPlan, pool: DecodePool | None) -> tuple[Series | N
     filled slice by slice in place, and resample it to 512×512 if needed. Returns the series
     (None when no frame decoded) and the members whose pixels could not be decoded.
 
-    Each frame lets go of its member's bytes once decoded (the plan's frames are replaced
-    by their header facts): a series being decoded holds its compressed data and its
-    pixels together only once."""
+    Each frame lets go of its compressed pixel data once decoded (the plan's frames are
+    replaced by their header facts): a series being decoded holds its compressed data and
+    its pixels together only once."""
     frames, kind, to_display = plan.frames, plan.frames[0].kind, plan.to_display
     notes = list(plan.notes)
     stack = np.empty((len(frames), *plan.shape), dtype=np.uint16)
@@ -174,7 +174,8 @@ def _decoded(frames: list[Frame], pool: DecodePool | None) -> Iterator[Any]:
     done = 0
     if pool is not None and all(f.task is not None for f in frames):
         try:
-            tasks = (f.task for f in frames if f.task)  # taken as submitted, not all at once
+            # taken as submitted, not all at once; each with its own frame's bytes only
+            tasks = (one_frame(f.task) for f in frames if f.task)
             for outcome in pool.decode(decode_frame, tasks):
                 yield outcome
                 done += 1
@@ -189,7 +190,7 @@ def _decoded(frames: list[Frame], pool: DecodePool | None) -> Iterator[Any]:
 
 
 def _spent(frame: Frame) -> Frame:
-    """The frame's header facts, without its member's bytes (once its pixels are decoded)."""
+    """The frame's header facts, without its pixel data (once its pixels are decoded)."""
     return dataclasses.replace(frame, load=_already_decoded, task=None)
 
 

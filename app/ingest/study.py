@@ -115,7 +115,7 @@ class StudyIngest:
         """Decode each series in turn, in the Study's order, with its final 1-based index.
         A series whose frames all fail to decode is left out (its members are skipped)."""
         while self._plans:
-            plan = self._plans.popleft()  # its frames (the members' bytes) go with it
+            plan = self._plans.popleft()  # its frames (their pixel data) go with it
             series, lost = decode_series(plan, self._pool)
             del plan
             self._skipped += lost
@@ -141,9 +141,9 @@ class StudyIngest:
 
 
 def _lean(frame: Frame) -> Frame:
-    """A DICOM frame bound for the decode pool keeps the member's bytes (what a worker
-    gets) and not its parsed dataset, which holds a second copy of the compressed pixel
-    data: should the pool break, this thread decodes from the bytes as a worker would."""
+    """A DICOM frame bound for the decode pool keeps its decode task (what a worker gets:
+    the Pixel Data value and its description) and not the parsed dataset: should the pool
+    break, this thread decodes the task as a worker would."""
     if frame.task is None:
         return frame
     return dataclasses.replace(frame, load=partial(decode_frame, *frame.task))

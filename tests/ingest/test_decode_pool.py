@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
+from pydicom.encaps import encapsulate, generate_frames
 
 from app.ingest import (
     DecodePool,
@@ -24,7 +24,8 @@ from app.ingest import (
     usable_cores,
 )
 from app.ingest.pool import cpu_quota
-from shared_data import P002, needs_data, zip_dirs, zip_files
+from dicom_factory import file_bytes, multi_frame_ct
+from shared_data import P002, VARIANTS, needs_data, zip_dirs, zip_files
 
 LIMITS = IngestLimits()
 
@@ -100,6 +101,71 @@ def test_a_frame_that_fails_to_decode_is_skipped_in_the_pool_too(pool: DecodePoo
     (series,) = study.series
     assert [s.source for s in series.slices] == ["s/a.dcm", "s/c.dcm"]
     assert [(m.index, m.reason) for m in study.skipped] == [(2, "pixel data could not be decoded")]
+
+
+def test_multi_frame_files_through_the_pool_give_each_frame(
+    pool: DecodePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker gets one frame's bytes of a multi-frame file, not the file: each frame is
+    its own, in order, as decoding the datasets in this thread gives them."""
+    rng = np.random.default_rng(2)
+    values = rng.integers(0, 3000, (2, 3, 512, 512)).astype(np.uint16)  # HU + 1024
+    archive = zip_files(
+        [
+            ("mf/a.dcm", multi_frame_ct(values[0], rle=True, offset_table=False)),
+            ("mf/b.dcm", multi_frame_ct(values[1])),  # uncompressed
+        ]
+    )
+    sent: list[int] = []
+    real = pool.decode
+
+    def noted(tasks: Iterable[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for task in tasks:
+            sent.append(len(task[1]))  # the pixel bytes a worker gets
+            yield task
+
+    def recording(fn: Callable[..., Any], tasks: Iterable[tuple[Any, ...]]) -> Iterator[Any]:
+        return real(fn, noted(tasks))
+
+    monkeypatch.setattr(pool, "decode", recording)
+    there = ingest_zip(archive, LIMITS, pool).series[0]
+    # One frame each, not three: RLE of random values is ~1.04 × the raw 512 KB frame
+    # (measured 544,026 bytes a frame).
+    assert len(sent) == 6 and max(sent) < 1.2 * values[0, 0].nbytes, sent
+    here = ingest_zip(archive, LIMITS).series[0]
+    assert [(s.source, s.frame) for s in there.slices] == [
+        (name, i) for name in ("mf/a.dcm", "mf/b.dcm") for i in range(3)
+    ]
+    np.testing.assert_array_equal(there.pixels, values.reshape(6, 512, 512))
+    np.testing.assert_array_equal(here.pixels, there.pixels)
+
+
+@needs_data
+def test_enhanced_ct_through_the_pool_equals_decoding_in_thread(pool: DecodePool) -> None:
+    archive = zip_files([("e/mf.dcm", VARIANTS / "enhanced-ct-2-frames.dcm")])
+    there = ingest_zip(archive, LIMITS, pool).series[0]
+    here = ingest_zip(archive, LIMITS).series[0]
+    assert [s.frame for s in there.slices] == [s.frame for s in here.slices] == [1, 0]
+    assert not np.array_equal(there.pixels[0], there.pixels[1])  # the frame index matters
+    np.testing.assert_array_equal(there.pixels, here.pixels)
+
+
+def test_a_corrupt_frame_of_a_multi_frame_file_is_skipped_in_the_pool_too(
+    pool: DecodePool,
+) -> None:
+    values = np.random.default_rng(3).integers(0, 3000, (3, 64, 64)).astype(np.uint16)
+    ds = pydicom.dcmread(io.BytesIO(multi_frame_ct(values, rle=True)))
+    encoded = list(generate_frames(ds.PixelData, number_of_frames=3))
+    ds.PixelData = encapsulate([encoded[0], bytes(64), encoded[2]])  # an RLE frame of nothing
+    archive = zip_files([("mf.dcm", file_bytes(ds))])
+    studies = ingest_zip(archive, LIMITS, pool), ingest_zip(archive, LIMITS)
+    for study in studies:
+        (series,) = study.series
+        assert [s.frame for s in series.slices] == [0, 2]
+        assert [(m.index, m.reason) for m in study.skipped] == [
+            (1, "pixel data could not be decoded")
+        ]
+    np.testing.assert_array_equal(studies[0].series[0].pixels, studies[1].series[0].pixels)
 
 
 @needs_data

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
+import re
 import subprocess
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from pydicom.encaps import encapsulate, generate_frames
 from pydicom.uid import JPEGLosslessSV1
 
 from app.errors import (
@@ -21,8 +26,10 @@ from app.errors import (
     UnsupportedImageError,
     UnsupportedTransferSyntaxError,
 )
-from app.ingest import configure_libraries
-from dicom_factory import dicom_bytes, file_bytes, synthetic_ct
+from app.ingest import IngestLimits, configure_libraries
+from app.ingest.dicom import decode_frame, one_frame, read_dicom
+from app.ingest.frames import Frame
+from dicom_factory import PHI_STRINGS, dicom_bytes, file_bytes, multi_frame_ct, synthetic_ct
 from ingest_support import hu_image, ingest, stored
 from shared_data import P002, ROOT, VARIANTS, needs_data
 
@@ -215,6 +222,93 @@ def test_localizer_is_skipped_with_a_reason() -> None:
     assert [(s.index, "localizer" in s.reason) for s in study.skipped] == [(1, True)]
     with pytest.raises(NoImageError, match="localizer"):
         ingest([("t.dcm", topogram)])
+
+
+# --- what a decode worker gets -------------------------------------------------------------
+
+FRAMES = np.random.default_rng(1).integers(0, 3000, (3, 64, 64)).astype(np.uint16)  # HU + 1024
+
+
+def read(data: bytes) -> list[Frame]:
+    return read_dicom(1, "x.dcm", data, IngestLimits())
+
+
+def test_a_task_is_the_pixel_data_without_the_header() -> None:
+    (frame,) = read(synthetic_ct(FRAMES[0]))
+    task = frame.task
+    assert task is not None and one_frame(task) is task  # one frame: nothing to cut
+    assert task.pixels == FRAMES[0].tobytes()
+    sent = pickle.dumps(task)  # what a worker process gets
+    assert not any(planted.encode() in sent for planted in PHI_STRINGS)
+    np.testing.assert_array_equal(decode_frame(*task), FRAMES[0])
+
+
+MULTI_FRAME: dict[str, dict[str, bool | int]] = {
+    "uncompressed": {},
+    "rle": {"rle": True},
+    "rle-no-offset-table": {"rle": True, "offset_table": False},
+    "rle-2-fragments-a-frame": {"rle": True, "fragments": 2},
+}
+
+
+@pytest.mark.parametrize("kind", list(MULTI_FRAME))
+def test_a_multi_frame_task_leaves_with_its_own_frame_only(kind: str) -> None:
+    frames = read(multi_frame_ct(FRAMES, **MULTI_FRAME[kind]))  # type: ignore[arg-type]
+    assert [f.frame for f in frames] == [0, 1, 2]
+    for f in frames:
+        assert f.task is not None
+        sent = one_frame(f.task)
+        assert (sent.frame, sent.options["number_of_frames"]) == (0, 1)
+        assert len(pickle.dumps(sent)) < len(f.task.pixels) / 2  # one frame of three
+        np.testing.assert_array_equal(decode_frame(*sent), FRAMES[f.task.frame])
+        np.testing.assert_array_equal(f.load(), FRAMES[f.task.frame])  # from the dataset
+
+
+def outcome(decode: Callable[[], np.ndarray]) -> np.ndarray | None:
+    """The decoded pixels, or None when decoding raised."""
+    try:
+        return decode()
+    except Exception:
+        return None
+
+
+def test_what_cannot_be_cut_to_one_frame_fails_as_it_does_in_thread() -> None:
+    short = pydicom.dcmread(io.BytesIO(multi_frame_ct(FRAMES)))
+    short.PixelData = short.PixelData[: 2 * FRAMES[0].nbytes + 100]  # 2 frames and a bit
+    missing = pydicom.dcmread(io.BytesIO(multi_frame_ct(FRAMES, rle=True, offset_table=False)))
+    encoded = list(generate_frames(missing.PixelData, number_of_frames=3))
+    missing.PixelData = encapsulate([encoded[0], encoded[2]], has_bot=False)  # one gone
+    # Cut: the frames pydicom finds (the first: both fragments, the JPEG-less way); sent
+    # whole: those it cannot find, and every frame of a buffer too short for all of them.
+    for ds, cut in ((short, [False] * 3), (missing, [True, False, False])):
+        for f in read(file_bytes(ds)):
+            assert f.task is not None
+            sent = one_frame(f.task)
+            assert (sent is not f.task) == cut[f.task.frame]
+            here, there = outcome(f.load), outcome(partial(decode_frame, *sent))
+            assert (here is None) == (there is None) == (f.task.frame > 0 or ds is short)
+            if here is not None:
+                np.testing.assert_array_equal(there, here)
+
+
+def test_two_pixel_data_elements_are_a_corrupt_member() -> None:
+    """pydicom decodes no dataset holding more than one: refused from the header, for a
+    worker never sees the dataset."""
+    ds = pydicom.dcmread(io.BytesIO(synthetic_ct(FRAMES[0])))
+    ds.FloatPixelData = FRAMES[0].astype(np.float32).tobytes()
+    with pytest.raises(CorruptMemberError, match="more than one pixel data element"):
+        ingest([("x.dcm", file_bytes(ds))])
+
+
+def test_a_decode_error_names_only_its_type() -> None:
+    ds = pydicom.dcmread(io.BytesIO(multi_frame_ct(FRAMES, rle=True)))
+    encoded = list(generate_frames(ds.PixelData, number_of_frames=3))
+    ds.PixelData = encapsulate([encoded[0], bytes(64), encoded[2]])  # an RLE frame of nothing
+    frames = read(file_bytes(ds))
+    assert frames[1].task is not None
+    with pytest.raises(RuntimeError) as info:
+        decode_frame(*one_frame(frames[1].task))
+    assert re.fullmatch(r"[A-Za-z]+", str(info.value))  # pickled back: no text from the data
 
 
 # --- the libraries ---------------------------------------------------------------------------
