@@ -106,10 +106,11 @@ async def diagnose_upload(
     infer_t0 = None
     try:
         while item := await run_in_threadpool(_next_selected, series, config.selection, worked):
-            waiting.append(item)
             if overlap:
                 infer_t0 = infer_t0 or time.perf_counter()
-                scoring.append(_submit(engine, *waiting.pop()))
+                scoring.append(_submit(engine, *item))
+            else:
+                waiting.append(item)
         study = ingest.study()  # raises when no series could be built (nothing was scored)
         if waiting:
             infer_t0 = time.perf_counter()

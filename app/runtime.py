@@ -112,15 +112,16 @@ class Runtime:
         logger.info("ready", extra={"weights_source": card.weights_source})
 
     async def _start_decode_pool(self) -> None:
-        """Start the decode workers now; where they cannot start, requests decode in their
-        own threads (slower, still right), so readiness does not wait on them."""
+        """Start the decode workers before ready. Should they fail to start, the service is
+        ready all the same: the first upload starts the pool again, and decodes in its own
+        thread should it break (slower, still right)."""
         if self.decode_pool is None:
             return
         try:
             await asyncio.to_thread(self.decode_pool.start)
         except Exception as exc:
             logger.warning(
-                "decode workers did not start: uploads decode in the request's thread",
+                "decode workers did not start: the first upload starts them again",
                 extra={"error": type(exc).__name__},
             )
 
