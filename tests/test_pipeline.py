@@ -100,24 +100,37 @@ def test_a_multi_series_study_scores_as_each_series_alone(
         np.testing.assert_allclose(got[mask], alone, atol=BATCH_ATOL)
 
 
-def test_on_an_accelerator_a_series_reaches_the_model_while_the_next_one_decodes(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    recorder = Recorder(device="/GPU:0")
+def recording_engine(
+    monkeypatch: pytest.MonkeyPatch, device: str, *, later_wait_for_model: bool
+) -> tuple[InferenceEngine, Recorder, list[bool]]:
+    """An engine (batches of 2) around a Recorder on `device`, and series decoding patched
+    to record, as each series starts to decode, whether the model has been called yet. With
+    `later_wait_for_model`, every series after the first waits (60 s at most) for the
+    model's first call before it records and decodes."""
+    recorder = Recorder(device=device)
     engine = InferenceEngine(recorder, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
     real = app.ingest.study.decode_series
     model_busy_before: list[bool] = []
 
     def decode_series(plan: Any, pool: Any) -> Any:
-        if plan.key[2] == UIDS[0]:
-            model_busy_before.append(recorder.called.is_set())
-        else:
-            # Series 2 and 3 decode only once series 1 is in the model: a pipeline that
-            # decoded the whole study first would wait here in vain (and record False).
+        if later_wait_for_model and plan.key[2] != UIDS[0]:
             model_busy_before.append(recorder.called.wait(60))
+        else:
+            model_busy_before.append(recorder.called.is_set())
         return real(plan, pool)
 
     monkeypatch.setattr(app.ingest.study, "decode_series", decode_series)
+    return engine, recorder, model_busy_before
+
+
+def test_on_an_accelerator_a_series_reaches_the_model_while_the_next_one_decodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Series 2 and 3 decode only once series 1 is in the model: a pipeline that decoded the
+    # whole study first would wait there in vain (and record False).
+    engine, _, model_busy_before = recording_engine(
+        monkeypatch, "/GPU:0", later_wait_for_model=True
+    )
     _, result = run(diagnose_upload(three_series_zip(), engine, PipelineConfig()), engine)
     assert model_busy_before == [False, True, True]
     assert result.timings_ms.keys() == {"ingest", "select", "infer", "diagnose"}
@@ -130,16 +143,9 @@ def test_on_an_accelerator_a_series_reaches_the_model_while_the_next_one_decodes
 def test_on_a_cpu_the_whole_study_is_decoded_before_the_model_starts(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    recorder = Recorder(device="/CPU:0")
-    engine = InferenceEngine(recorder, BatchingConfig(max_batch_size=2, max_queue_delay_ms=0))
-    real = app.ingest.study.decode_series
-    model_busy_before: list[bool] = []
-
-    def decode_series(plan: Any, pool: Any) -> Any:
-        model_busy_before.append(recorder.called.is_set())
-        return real(plan, pool)
-
-    monkeypatch.setattr(app.ingest.study, "decode_series", decode_series)
+    engine, recorder, model_busy_before = recording_engine(
+        monkeypatch, "/CPU:0", later_wait_for_model=False
+    )
     assert engine.uses_host_cpu
     _, result = run(diagnose_upload(three_series_zip(), engine, PipelineConfig()), engine)
     assert model_busy_before == [False, False, False] and recorder.called.is_set()
