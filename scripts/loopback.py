@@ -163,7 +163,10 @@ def wait_healthy(
     def healthy() -> bool:
         return exchange(port, "GET", "/health", timeout_s=5).status == 200
 
-    _wait(process, healthy, log, timeout_s=timeout_s, poll_s=poll_s, what=what)
+    wait_ready(
+        process, healthy, transient=(OSError, http.client.HTTPException),
+        timeout_s=timeout_s, poll_s=poll_s, what=what, tail=lambda: log_tail(log),
+    )  # fmt: skip
 
 
 def start_redis(workdir: Path, *, appendonly: bool) -> tuple[subprocess.Popen[bytes], str]:
@@ -192,43 +195,49 @@ def start_redis(workdir: Path, *, appendonly: bool) -> tuple[subprocess.Popen[by
             return c.recv(16).startswith(b"+PONG")
 
     try:
-        _wait(process, pong, log, timeout_s=60, poll_s=0.1, what="redis-server")
+        wait_ready(
+            process, pong, transient=OSError, timeout_s=60, poll_s=0.1, what="redis-server",
+            tail=lambda: log_tail(log),
+        )  # fmt: skip
     except BaseException:
         end(process)
         raise
     return process, f"redis://{HOST}:{port}/0"
 
 
-def _wait(
+def wait_ready(
     process: subprocess.Popen[bytes],
     ready: Callable[[], bool],
-    log: Path,
     *,
+    transient: type[Exception] | tuple[type[Exception], ...],
     timeout_s: float,
     poll_s: float,
     what: str,
+    tail: Callable[[], str],
 ) -> None:
-    """Poll `ready()` until it is true; a connection error (not listening yet) is one more
+    """Poll `ready()` until it is true; a `transient` error (not listening yet) is one more
     poll. Between polls wait `poll_s` on the process, which notices an early exit. Raises
     RuntimeError when it exits first, TimeoutError when not ready after `timeout_s`, each
-    with the end of its log."""
+    with the end of its log (`tail()`); any other error of `ready()` goes to the caller.
+    The tests' server fixtures use it too."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             if ready():
                 return
-        except (OSError, http.client.HTTPException):
+        except transient:
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{_tail(log)}")
+            raise TimeoutError(f"{what} not ready after {timeout_s:.0f} s\n{tail()}")
         try:
             process.wait(timeout=poll_s)  # the pause between polls; notices an exit
         except subprocess.TimeoutExpired:
             continue
-        raise RuntimeError(f"{what} exited with {process.returncode}\n{_tail(log)}")
+        raise RuntimeError(f"{what} exited with {process.returncode}\n{tail()}")
 
 
-def _tail(log: Path) -> str:
+def log_tail(log: Path) -> str:
+    """The end of a process's log, as quoted when it failed to start."""
     text = log.read_text(errors="replace") if log.is_file() else "(no log)"
     return text[-LOG_TAIL:]
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from processes import free_port, stop, wait_ready
+from loopback import free_port, wait_ready
+from processes import stop
 
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DEADLINE_S = 60.0  # bound of every wait on the server; never reached when all is well
@@ -156,7 +157,7 @@ def _wait_ready(server: Orthanc) -> None:
             server.process,
             ready,
             transient=httpx.TransportError,
-            deadline_s=DEADLINE_S,
+            timeout_s=DEADLINE_S,
             poll_s=0.05,
             what="Orthanc",
             tail=server.tail,

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from processes import free_port
+from loopback import free_port
 
 from app.errors import ShuttingDownError
 from app.inference import BatchingConfig, InferenceEngine, ModelConfig

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from processes import free_port, stop, wait_ready
+from loopback import free_port, wait_ready
+from processes import stop
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE_S = 600.0  # start-up (TensorFlow, the model, its warm-up) on a busy 2-core CPU
@@ -41,7 +42,7 @@ def _wait_ready(service: Service) -> None:
             service.process,
             lambda: c.get("/health").status_code == 200,
             transient=httpx.TransportError,
-            deadline_s=DEADLINE_S,
+            timeout_s=DEADLINE_S,
             poll_s=0.25,
             what="the service",
             tail=service.tail,

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from processes import free_port, stop, wait_ready
+from loopback import free_port, wait_ready
+from processes import stop
 
 from app.jobs import JobsConfig, JobStore
 from app.jobs.redis_store import RedisJobStore
@@ -72,7 +73,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server,
             lambda: bool(client.ping()),
             transient=redis.exceptions.ConnectionError,
-            deadline_s=DEADLINE_S,
+            timeout_s=DEADLINE_S,
             poll_s=0.05,
             what="redis-server",
             tail=lambda: log.read_text(errors="replace")[-2000:],
